@@ -1,0 +1,143 @@
+"""Second-order statistics of a linear layer's inputs, and their fp64 factorisation (DESIGN §3, §3.5).
+
+Why it exists: the solver needs U, the upper Cholesky factor of (H + λI)⁻¹. Every other GPTQ tool
+factorises in fp32 and retries with more damping (or silently falls back to round-to-nearest); on
+long-context calibration fp32 rejects Hessians that fp64 factorises without extra damping. fp64 is
+only used here, for O(n³) work done once per layer; the column loop runs in fp32.
+
+What must stay true:
+- H is accumulated as fp32 partial sums of Xᵀ·X over bounded token chunks (memory does not grow with T);
+- `scaled()` returns (2/T)·Σ XᵀX; the scale does not matter to the solver (damping is relative) but keeps
+  GPTAQ's cross term on the same scale as H;
+- damping is raised only when a factorisation fails, every value tried is reported, and a matrix that
+  cannot be factorised raises `FactorizationError` — never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import scipy.linalg.lapack
+import torch
+
+DAMP_CEILING = 1.0  # fraction of mean(diag H); beyond this the layer is effectively round-to-nearest
+
+
+class FactorizationError(RuntimeError):
+    """H + λI could not be factorised even at the largest damping tried."""
+
+
+class HessianAccumulator:
+    """Folds batches of layer inputs into H = Σ XᵀX (and, for GPTAQ, C = Σ (X̃ − X)ᵀX).
+
+    `add_batch(x)` takes inputs of any leading shape [..., n]; `x_native` are the same layer's inputs in
+    the unquantized model (only when `track_cross`). Rows are consumed in chunks of `chunk_tokens` so a
+    batch of 128 × 2048 tokens never needs a second full-size fp32 copy.
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", *, track_cross: bool = False,
+                 dtype: torch.dtype = torch.float32, chunk_tokens: int = 8192):
+        self.columns = columns
+        self.tokens = 0
+        self.chunk_tokens = chunk_tokens
+        self.sum_xx = torch.zeros((columns, columns), dtype=dtype, device=device)
+        self.sum_dx = torch.zeros_like(self.sum_xx) if track_cross else None
+
+    def add_batch(self, x: torch.Tensor, x_native: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, self.columns)
+        if self.sum_dx is not None:
+            if x_native is None:
+                raise ValueError("this accumulator tracks the GPTAQ cross term: pass x_native")
+            x_native = x_native.reshape(-1, self.columns)
+        dtype, device = self.sum_xx.dtype, self.sum_xx.device
+        for start in range(0, x.shape[0], self.chunk_tokens):
+            chunk = x[start:start + self.chunk_tokens].to(device=device, dtype=dtype)
+            self.sum_xx.addmm_(chunk.T, chunk)
+            if self.sum_dx is not None:
+                native = x_native[start:start + self.chunk_tokens].to(device=device, dtype=dtype)
+                self.sum_dx.addmm_((native - chunk).T, chunk)
+        self.tokens += x.shape[0]
+
+    def scaled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(H, cross) = (2/T)·sums. Fresh tensors; the accumulator may be freed afterwards."""
+        if self.tokens == 0:
+            raise ValueError("no inputs were accumulated")
+        factor = 2.0 / self.tokens
+        cross = None if self.sum_dx is None else self.sum_dx * factor
+        return self.sum_xx * factor, cross
+
+
+@dataclass
+class Factor:
+    upper: torch.Tensor      # U, upper triangular, (H + λI)⁻¹ = UᵀU
+    damp: float              # the damping fraction finally used
+    tried: list[float]       # every damping fraction tried, in order
+    condition: float         # estimate of cond(H + λI): (max diag M / min diag M)²
+
+
+def damping_schedule(damp: float) -> list[float]:
+    """The requested damping, then doubling steps up to DAMP_CEILING."""
+    steps = [damp]
+    step = max(damp, 1e-4)
+    while steps[-1] < DAMP_CEILING:
+        step *= 2
+        steps.append(min(steps[-1] + step, DAMP_CEILING))
+    return steps
+
+
+def inverse_upper_factor(hessian: torch.Tensor, damp: float) -> Factor:
+    """U with (H + λI)⁻¹ = UᵀU, λ = damp·mean(diag H), computed in fp64.
+
+    With J the reversal permutation, J(H+λI)J = M·Mᵀ (M lower) gives (H+λI)⁻¹ = (J M⁻¹ J)ᵀ(J M⁻¹ J) and
+    J M⁻¹ J is upper: one Cholesky and one triangular inverse, instead of Cholesky → inverse → Cholesky.
+    """
+    h64 = hessian.to(torch.float64)
+    if not torch.isfinite(h64).all():
+        raise FactorizationError("the Hessian holds NaN or Inf (non-finite activations reached this layer)")
+    mean_diag = torch.diagonal(h64).mean().item()
+    if mean_diag <= 0:
+        raise FactorizationError("the Hessian is zero: no calibration input reached this layer")
+    reversed_h = h64.flip(0, 1)  # a copy: h64 may be the caller's tensor
+    del h64
+    tried, applied = [], 0.0
+    for fraction in damping_schedule(damp):
+        tried.append(fraction)
+        reversed_h.diagonal().add_((fraction - applied) * mean_diag)
+        applied = fraction
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        if info.item() == 0:
+            del reversed_h
+            diag = torch.diagonal(lower)
+            condition = (diag.max() / diag.min()).item() ** 2
+            upper = triangular_inverse(lower).to(torch.float32)  # the column loop runs in fp32
+            return Factor(upper.flip(0, 1), fraction, tried, condition)
+    raise FactorizationError(
+        f"Cholesky of H + λI failed at every damping tried ({', '.join(f'{d:g}' for d in tried)} × mean diag)")
+
+
+def triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """M⁻¹ for lower-triangular M. A solve against I costs n³; LAPACK's trtri costs n³/3 (on the CPU,
+    measured 0.36 s against 1.47 s for n = 4096 fp64 on 2 cores); on other devices a blocked recursion
+    of matmuls ([[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ C A⁻¹, D⁻¹]]) stays on the device.
+    """
+    if lower.device.type == "cpu" and lower.dtype == torch.float64:
+        inverse, info = scipy.linalg.lapack.dtrtri(lower.numpy(), lower=1)
+        if info != 0:
+            raise FactorizationError(f"triangular inverse failed (LAPACK info {info})")
+        return torch.from_numpy(inverse).contiguous()
+    return _recursive_triangular_inverse(lower)
+
+
+def _recursive_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    n = lower.shape[0]
+    if n <= 256:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    half = n // 2
+    a_inv = _recursive_triangular_inverse(lower[:half, :half])
+    d_inv = _recursive_triangular_inverse(lower[half:, half:])
+    out = torch.zeros_like(lower)
+    out[:half, :half] = a_inv
+    out[half:, half:] = d_inv
+    out[half:, :half] = -(d_inv @ (lower[half:, :half] @ a_inv))
+    return out

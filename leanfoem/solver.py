@@ -1,0 +1,218 @@
+"""The FOEM / GPTQ / GPTAQ column loop (DESIGN §3): weights + Hessian → integer codes, scales, zeros.
+
+Why it exists: this is the algorithm. It reproduces the reference behaviour that the FOEM authors
+maintain inside GPTQModel, so results are comparable:
+- GPTQ error propagation inside 128-column blocks, then one GEMM for the columns to the right;
+- FOEM: err = ((w − q) − β(w − w₀)) / U_cc, and after each step the *next column of the same block* is
+  pulled toward the original, w_{c+1} −= β(w_{c+1} − w₀_{c+1}) (the first column of a block never is);
+- GPTAQ: in-block += w_c ⊗ P[c, c+1:] with w_c before its update, lazy += W_block · P[block, right],
+  where W_block holds each column after its own step (w_c − err_c·U_cc), as in the reference;
+- a group's scale and zero are fitted when the group starts, from the global W (lazy updates of earlier
+  blocks applied, in-block updates of the current block not).
+
+What must stay true:
+- W is held transposed ([in, out], "Wt") so that a column is a contiguous row and every in-block update
+  is a contiguous rank-1 update; the lazy update is one matmul;
+- the dequantized result is rebuilt from the stored codes, fp16 scales and zeros, so it is exactly what a
+  loader of the packed checkpoint computes with;
+- β = 0 and α = 0 is plain GPTQ, operation for operation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .hessian import Factor, inverse_upper_factor
+from .packing import pack_gptq
+from .quantizer import dequantize, fit_grid, quantize_codes
+
+METHODS = ("rtn", "gptq", "gptaq", "foem")
+BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantResult:
+    """Codes and grid of one quantized linear layer, plus what the solve reported."""
+
+    codes: torch.Tensor      # uint8 [in, out]
+    scales: torch.Tensor     # fp16 [groups, out]
+    zeros: torch.Tensor      # int32 [groups, out], the true zero points z
+    g_idx: torch.Tensor      # int32 [in], group of each input column
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool
+    loss: float              # Σ (w − q)² / U_cc²
+    damp: float              # damping fraction finally used
+    stats: dict = field(default_factory=dict)  # damping tried, condition estimate
+
+    @property
+    def dequantized(self) -> torch.Tensor:
+        """float32 [out, in]: exactly the weights the packed layer computes with."""
+        g = self.g_idx.long()
+        scale = self.scales.float()[g]
+        zero = self.zeros.float()[g]
+        return dequantize(self.codes.float(), scale, zero).T.contiguous()
+
+    def pack(self, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+        """{"qweight", "qzeros", "scales", "g_idx"} in the GPTQ layout (DESIGN §5)."""
+        return pack_gptq(self.codes, self.zeros, self.scales, self.g_idx, self.bits, checkpoint_format)
+
+
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, *, bits: int = 4, group_size: int = 128,
+                    sym: bool = True, desc_act: bool = False, method: str = "foem", alpha: float = 0.0,
+                    beta: float = 0.2, damp: float = 0.01, block_size: int = 128,
+                    cross: torch.Tensor | None = None) -> QuantResult:
+    """Quantize one linear layer's weight [out, in] given H = X·Xᵀ (up to scale) of its inputs.
+
+    `method`: "rtn" (round to nearest, H optional), "gptq" (α = β = 0), "gptaq" (α only, needs `cross`
+    = (X̃ − X)·Xᵀ on H's scale), "foem" (β, and α if given). `damp` is a fraction of mean(diag H).
+    Runs on weight's device; the factorisation is fp64, the column loop fp32.
+    """
+    alpha, beta = _method_terms(method, alpha, beta, hessian, cross)
+    _check_shapes(weight, hessian, cross, bits, group_size)
+    wt = weight.detach().to(torch.float32).T.contiguous()  # [in, out]
+    if hessian is None:
+        return _round_to_nearest(wt, bits, group_size, sym)
+    # an fp64 H stays fp64 until factorised: rounding it to fp32 can already make it indefinite
+    h_dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    h = hessian.detach().to(device=wt.device, dtype=h_dtype).clone()
+    cross = None if cross is None else cross.detach().to(device=wt.device, dtype=torch.float32).clone()
+
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    wt[dead] = 0
+    if cross is not None:
+        cross[:, dead] = 0
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        wt, h = wt[perm], h[perm][:, perm]
+        if cross is not None:
+            cross = cross[perm][:, perm]
+
+    factor = inverse_upper_factor(h, damp)
+    del h
+    if method == "rtn":
+        result = _round_to_nearest(wt, bits, group_size, sym, factor.upper.diagonal())
+    else:
+        gptaq = None if alpha == 0 else alpha * torch.triu(cross @ factor.upper.T, diagonal=1) @ factor.upper
+        result = solve_columns(wt, factor.upper, bits=bits, group_size=group_size, sym=sym, beta=beta,
+                               gptaq=gptaq, block_size=block_size)
+    result.damp = factor.damp
+    result.stats = {"damp_tried": factor.tried, "condition": factor.condition}
+    if perm is not None:
+        _undo_permutation(result, perm)
+    return result
+
+
+def solve_columns(wt: torch.Tensor, upper: torch.Tensor, *, bits: int, group_size: int, sym: bool,
+                  beta: float = 0.0, gptaq: torch.Tensor | None = None, block_size: int = 128) -> QuantResult:
+    """The column loop on Wt [in, out] (modified in place) with U = upper; computes in wt's dtype."""
+    columns, rows = wt.shape
+    group = columns if group_size == -1 else group_size
+    original = wt.clone() if beta else None
+    codes = torch.empty((columns, rows), dtype=torch.uint8, device=wt.device)
+    scales, zeros = [], []
+    scaled_errors = torch.empty_like(wt)  # (w − q)/U_cc, squared and summed for the loss
+    for b0 in range(0, columns, block_size):
+        b1 = min(b0 + block_size, columns)
+        block = wt[b0:b1].clone()
+        block_original = None if original is None else original[b0:b1]
+        errors = torch.empty_like(block)
+        diag_u = upper[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            c = b0 + i
+            if c % group == 0:
+                scale, zero = fit_grid(wt[c:min(c + group, columns)], bits, sym)
+                scales.append(scale)
+                zeros.append(zero)
+            w = block[i]
+            code = quantize_codes(w, scale, zero, bits)
+            codes[c] = code.to(torch.uint8)
+            residual = w - dequantize(code, scale, zero)
+            d = diag_u[i, i]
+            scaled_errors[c] = residual / d
+            err = residual if original is None else residual - beta * (w - block_original[i])
+            err = err / d
+            w_before = w.clone() if gptaq is not None else None
+            block[i:].addr_(diag_u[i, i:], err, alpha=-1)
+            if gptaq is not None:
+                block[i + 1:].addr_(gptaq[c, c + 1:b1], w_before)
+            if original is not None and i + 1 < b1 - b0:
+                block[i + 1] -= beta * (block[i + 1] - block_original[i + 1])
+            errors[i] = err
+        if b1 < columns:
+            wt[b1:].addmm_(upper[b0:b1, b1:].T, errors, alpha=-1)
+            if gptaq is not None:
+                wt[b1:].addmm_(gptaq[b0:b1, b1:].T, block)
+    loss = float(scaled_errors.double().square().sum())
+    g_idx = torch.arange(columns, device=wt.device, dtype=torch.int32) // group
+    return QuantResult(codes, torch.stack(scales).to(torch.float16), torch.stack(zeros).to(torch.int32), g_idx,
+                       bits, group_size, sym, False, loss, 0.0)
+
+
+def _round_to_nearest(wt: torch.Tensor, bits: int, group_size: int, sym: bool,
+                      diag_u: torch.Tensor | None = None) -> QuantResult:
+    columns, rows = wt.shape
+    group = columns if group_size == -1 else group_size
+    codes = torch.empty((columns, rows), dtype=torch.uint8, device=wt.device)
+    scales, zeros, loss = [], [], 0.0
+    for g0 in range(0, columns, group):
+        chunk = wt[g0:g0 + group]
+        scale, zero = fit_grid(chunk, bits, sym)
+        code = quantize_codes(chunk, scale, zero, bits)
+        codes[g0:g0 + group] = code.to(torch.uint8)
+        residual = chunk - dequantize(code, scale, zero)
+        if diag_u is not None:
+            residual = residual / diag_u[g0:g0 + group, None]
+        loss += float(residual.double().square().sum())
+        scales.append(scale)
+        zeros.append(zero)
+    g_idx = torch.arange(columns, device=wt.device, dtype=torch.int32) // group
+    return QuantResult(codes, torch.stack(scales).to(torch.float16), torch.stack(zeros).to(torch.int32), g_idx,
+                       bits, group_size, sym, False, loss, 0.0)
+
+
+def _undo_permutation(result: QuantResult, perm: torch.Tensor) -> None:
+    inverse = torch.argsort(perm)
+    result.codes = result.codes[inverse]
+    result.g_idx = result.g_idx[inverse]
+    result.desc_act = True
+
+
+def _method_terms(method: str, alpha: float, beta: float, hessian, cross) -> tuple[float, float]:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if method == "gptq":
+        alpha, beta = 0.0, 0.0
+    elif method == "gptaq":
+        beta = 0.0
+        if alpha <= 0:
+            raise ValueError("method 'gptaq' needs alpha > 0")
+    if alpha < 0 or beta < 0:
+        raise ValueError("alpha and beta must be >= 0")
+    if method != "rtn" and hessian is None:
+        raise ValueError(f"method {method!r} needs the Hessian of the layer's inputs")
+    if alpha > 0 and cross is None:
+        raise ValueError("alpha > 0 (the GPTAQ term) needs cross = (X_native - X)·Xᵀ")
+    return alpha, beta
+
+
+def _check_shapes(weight, hessian, cross, bits, group_size) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, not {bits}")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"group_size must be -1 (per row) or positive, not {group_size}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    columns = weight.shape[1]
+    for name, matrix in (("hessian", hessian), ("cross", cross)):
+        if matrix is not None and tuple(matrix.shape) != (columns, columns):
+            raise ValueError(f"{name} must be [{columns}, {columns}] for a weight with {columns} inputs, "
+                             f"got {tuple(matrix.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight holds NaN or Inf")

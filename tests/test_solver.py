@@ -1,0 +1,229 @@
+"""The solver against an independent, plainly written fp64 implementation of DESIGN §3."""
+
+import pytest
+import torch
+
+from leanfoem import FactorizationError, quantize_weight
+from leanfoem.hessian import inverse_upper_factor
+from leanfoem.solver import solve_columns
+
+
+def correlated_inputs(tokens, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    scale = torch.logspace(-1, 0.5, n, dtype=torch.float64)
+    return (torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix + 0.3 * torch.randn(
+        tokens, n, generator=g, dtype=torch.float64)) * scale
+
+
+def make_problem(rows=48, n=160, seed=0, dead=(5,)):
+    g = torch.Generator().manual_seed(seed + 1)
+    x = correlated_inputs(4 * n, n, seed)
+    x[:, list(dead)] = 0
+    native = x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    w = torch.randn(rows, n, generator=g, dtype=torch.float64) * 0.05
+    h = 2 * x.T @ x / x.shape[0]
+    cross = 2 * (native - x).T @ x / x.shape[0]
+    return w, h, cross, x
+
+
+def oracle_grid(cols, bits, sym):
+    """Per-row grid of one group; cols [rows, g]."""
+    maxq = 2**bits - 1
+    lo = torch.clamp(cols.min(dim=1).values, max=0)
+    hi = torch.clamp(cols.max(dim=1).values, min=0)
+    if sym:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
+    both_zero = (lo == 0) & (hi == 0)
+    lo[both_zero], hi[both_zero] = -1, 1
+    scale = ((hi - lo) / maxq).half().double()
+    zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def oracle(w, h, *, bits, group_size, sym, alpha=0.0, beta=0.0, cross=None, damp=0.01, block=128):
+    """Column by column with every update applied at once (no lazy blocks), textbook inverse."""
+    w, h = w.double().clone(), h.double().clone()
+    rows, n = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(n, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    p = torch.zeros_like(u)
+    if alpha:
+        cross = cross.double().clone()
+        cross[:, dead] = 0
+        p = alpha * torch.triu(cross @ u.T, diagonal=1) @ u
+    w0 = w.clone()
+    group = n if group_size == -1 else group_size
+    codes = torch.zeros(rows, n, dtype=torch.long)
+    loss = 0.0
+    for c in range(n):
+        block_end = min((c // block + 1) * block, n)
+        if c % block == 0:
+            at_block_start = w.clone()  # what the reference reads group grids from
+        if c % group == 0:
+            scale, zero = oracle_grid(at_block_start[:, c:c + group], bits, sym)
+        col = w[:, c].clone()
+        code = torch.clamp(torch.round(col / scale) + zero, 0, 2**bits - 1)
+        q = scale * (code - zero)
+        codes[:, c] = code.long()
+        d = u[c, c]
+        loss += float(((col - q) ** 2).sum() / d**2)
+        err = ((col - q) - beta * (col - w0[:, c])) / d
+        inside, outside = slice(c + 1, block_end), slice(block_end, n)
+        w[:, inside] -= torch.outer(err, u[c, inside]) - torch.outer(col, p[c, inside])
+        after_step = col - err * d  # the column as the lazy update of the reference sees it
+        w[:, outside] -= torch.outer(err, u[c, outside]) - torch.outer(after_step, p[c, outside])
+        if beta and c + 1 < block_end:
+            w[:, c + 1] -= beta * (w[:, c + 1] - w0[:, c + 1])
+    return codes, loss
+
+
+CASES = [
+    dict(bits=4, group_size=128, sym=True, beta=0.0),
+    dict(bits=4, group_size=128, sym=True, beta=0.2),
+    dict(bits=3, group_size=64, sym=False, beta=0.1),
+    dict(bits=2, group_size=32, sym=False, beta=0.25),
+    dict(bits=8, group_size=-1, sym=True, beta=0.2),
+    dict(bits=4, group_size=48, sym=False, beta=0.2, alpha=0.25),
+    dict(bits=3, group_size=128, sym=True, beta=0.0, alpha=0.25),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_column_loop_matches_independent_oracle_in_fp64(case):
+    w, h, cross, _ = make_problem(n=288)  # 288 = two full blocks and a ragged third
+    alpha = case.get("alpha", 0.0)
+    codes, loss = oracle(w, h, cross=cross, **case)
+    # the loop under test, run in fp64 with the oracle's own factor
+    hd = h.clone()
+    dead = torch.diag(hd) == 0
+    hd[dead, dead] = 1
+    hd += 0.01 * torch.diag(hd).mean() * torch.eye(hd.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    wt = w.T.contiguous().clone()
+    wt[dead] = 0
+    gptaq = None
+    if alpha:
+        c = cross.clone()
+        c[:, dead] = 0
+        gptaq = alpha * torch.triu(c @ u.T, diagonal=1) @ u
+    res = solve_columns(wt, u, bits=case["bits"], group_size=case["group_size"], sym=case["sym"],
+                        beta=case["beta"], gptaq=gptaq)
+    assert torch.equal(res.codes.long().T, codes)
+    assert res.loss == pytest.approx(loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_quantize_weight_fp32_agrees_with_oracle(case):
+    w, h, cross, _ = make_problem(n=288, seed=3)
+    alpha = case.get("alpha", 0.0)
+    method = "foem" if case["beta"] or not alpha else "gptaq"
+    codes, loss = oracle(w, h, cross=cross, **case)
+    res = quantize_weight(w.float(), h.float(), method=method, cross=cross.float(), damp=0.01,
+                          **{k: v for k, v in case.items()})
+    differing = (res.codes.long().T != codes).float().mean().item()
+    assert differing < 0.01
+    assert res.loss == pytest.approx(loss, rel=0.01)
+    assert res.damp == 0.01
+
+
+def test_beta_zero_is_gptq_exactly():
+    w, h, _, _ = make_problem(seed=5)
+    foem = quantize_weight(w.float(), h.float(), method="foem", beta=0.0, group_size=32)
+    gptq = quantize_weight(w.float(), h.float(), method="gptq", group_size=32)
+    assert torch.equal(foem.codes, gptq.codes) and foem.loss == gptq.loss
+    beta = quantize_weight(w.float(), h.float(), method="foem", beta=0.2, group_size=32)
+    assert not torch.equal(beta.codes, gptq.codes)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_and_foem_beat_round_to_nearest_on_correlated_inputs(bits):
+    g = torch.Generator().manual_seed(7)
+    mix = torch.randn(256, 256, generator=g) / 16
+    x = torch.randn(1024, 256, generator=g) @ mix + 0.3 * torch.randn(1024, 256, generator=g)
+    w, h = torch.randn(64, 256, generator=g) * 0.05, x.T @ x
+
+    def output_error(res):
+        return ((w - res.dequantized) @ x.T).square().sum().item()
+
+    rtn = output_error(quantize_weight(w, h, method="rtn", bits=bits, group_size=64))
+    gptq = output_error(quantize_weight(w, h, method="gptq", bits=bits, group_size=64))
+    foem = output_error(quantize_weight(w, h, method="foem", beta=0.1, bits=bits, group_size=64))
+    assert gptq < 0.8 * rtn
+    assert foem < 0.8 * rtn
+
+
+def test_desc_act_permutes_columns_and_records_group_of_each_input():
+    w, h, _, _ = make_problem(n=256, seed=11, dead=())
+    res = quantize_weight(w.float(), h.float(), method="gptq", desc_act=True, group_size=64)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True)
+    expected = torch.empty(256, dtype=torch.int32)
+    expected[order] = torch.arange(256, dtype=torch.int32) // 64
+    assert torch.equal(res.g_idx, expected)
+    assert res.desc_act
+    # the packed layer reproduces the dequantized weights through g_idx
+    g = res.g_idx.long()
+    manual = res.scales.float()[g] * (res.codes.float() - res.zeros.float()[g])
+    assert torch.equal(manual.T, res.dequantized)
+
+
+def test_dead_inputs_get_zero_weight_columns():
+    w, h, _, _ = make_problem(seed=13, dead=(5, 77))
+    res = quantize_weight(w.float(), h.float(), method="foem", group_size=32)
+    assert torch.all(res.dequantized[:, [5, 77]] == 0)
+
+
+def test_partial_last_group():
+    w, h, _, _ = make_problem(n=576 // 4, seed=17)  # 144 inputs, group 128 → one full and one partial group
+    res = quantize_weight(w.float(), h.float(), group_size=128)
+    assert res.scales.shape == (2, w.shape[0])
+    assert res.g_idx.tolist() == [0] * 128 + [1] * 16
+
+
+def test_ill_conditioned_hessian_factorised_in_fp64_without_extra_damping():
+    n = 256
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    h = basis @ torch.diag(torch.logspace(-10, 0, n, dtype=torch.float64)) @ basis.T
+    h = (h + h.T) / 2
+    assert torch.linalg.cholesky_ex(h.float()).info.item() != 0, "fp32 must reject this H for the test to mean anything"
+    w = torch.randn(32, n, generator=g) * 0.05
+    res = quantize_weight(w, h, damp=0.0, method="gptq", group_size=64)
+    assert res.damp == 0.0 and res.stats["damp_tried"] == [0.0]
+    assert torch.isfinite(res.dequantized).all()
+
+
+def test_damping_raised_in_steps_and_reported():
+    n = 64
+    h = -0.1 * torch.eye(n, dtype=torch.float64)
+    h[0, 0] = 100.0  # mean diag 1.46: H + λI is indefinite until λ > 0.1
+    f = inverse_upper_factor(h, 0.01)
+    assert f.damp > 0.01 and f.tried[0] == 0.01 and f.tried[-1] == f.damp
+
+
+def test_unfactorisable_hessian_raises_instead_of_falling_back():
+    h = torch.full((32, 32), float("nan"))
+    with pytest.raises(FactorizationError, match="NaN"):
+        quantize_weight(torch.randn(8, 32), h, method="gptq", group_size=32)
+    h = -torch.eye(32) * 100
+    h[0, 0] = 3300.0  # mean diag 3.125: even damping of 1.0 × mean cannot lift the rest above 0
+    with pytest.raises(FactorizationError, match="failed at every damping"):
+        quantize_weight(torch.randn(8, 32), h, method="gptq", group_size=32)
+
+
+def test_bad_arguments_are_named():
+    w, h = torch.randn(8, 32), torch.eye(32)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weight(w, h, bits=5)
+    with pytest.raises(ValueError, match="method"):
+        quantize_weight(w, h, method="awq")
+    with pytest.raises(ValueError, match="cross"):
+        quantize_weight(w, h, method="gptaq", alpha=0.25)
+    with pytest.raises(ValueError, match="hessian must be"):
+        quantize_weight(w, torch.eye(16))
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_weight(w * float("nan"), h)
