@@ -1,15 +1,91 @@
-"""The `leanfoem` command line.
+"""The `leanfoem` command line: `quantize` (and, as they land, `eval`, `plan`).
 
 What must stay true: every error a user can cause ends in one line on stderr naming the cause and a
-non-zero exit code; `--debug` shows the traceback as well.
+non-zero exit code (2 for bad input, 130 when interrupted); `--debug` shows the traceback as well.
+SIGINT/SIGTERM stop the run at the next safe point and print how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import signal
 import sys
 
 from . import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _group_size(text: str) -> int:
+    value = int(text)
+    if value != -1 and value < 1:
+        raise argparse.ArgumentTypeError(f"must be -1 (per row) or a positive integer, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def add_quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a checkpoint into a GPTQ checkpoint, one block at a time",
+                       description="Quantize a Hugging Face causal LM (safetensors) into a standard GPTQ "
+                                   "checkpoint. Run the same command again to resume an interrupted run.")
+    p.add_argument("--model", required=True, help="model directory, 'demo', or a Hugging Face repo id")
+    p.add_argument("--out", required=True, help="output directory (new or empty, or an unfinished run)")
+    p.add_argument("--method", choices=["foem", "gptq", "gptaq", "rtn"], default="foem")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    p.add_argument("--group-size", type=_group_size, default=128, help="columns per group; -1 = per row")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid")
+    p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing diag(H)")
+    p.add_argument("--alpha", type=_non_negative, default=0.0, help="GPTAQ term weight (0 = off)")
+    p.add_argument("--beta", type=_non_negative, default=0.2, help="FOEM first-order term weight")
+    p.add_argument("--damp", type=_fraction, default=0.01, help="damping, fraction of mean(diag H)")
+    p.add_argument("--calib", default=None, metavar="SOURCE",
+                   help="a .txt or .jsonl file, or c4 / wikitext2 (online); default: the bundled text")
+    p.add_argument("--nsamples", type=_positive_int, default=128)
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per sample (capped by the model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq")
+    p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="tokens per forward batch")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
+    p.add_argument("--keep-work", action="store_true", help="keep the work files (OUT/.leanfoem) at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
+    p.set_defaults(handler=run_quantize)
+
+
+def run_quantize(args) -> int:
+    from .pipeline import QuantizeOptions, quantize
+    fields = QuantizeOptions.__dataclass_fields__
+    options = QuantizeOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    out = quantize(options)
+    if not options.quiet:
+        print(f"done: {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize LLMs with FOEM/GPTQ one decoder block at a time into standard GPTQ checkpoints.")
     parser.add_argument("--version", action="version", version=f"leanfoem {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_quantize_parser(sub)
     return parser
+
+
+def _user_error_types() -> tuple[type, ...]:
+    from .architectures import UnsupportedArchitecture
+    from .calibration import CalibrationError
+    from .checkpoint_reader import CheckpointError
+    from .hessian import FactorizationError
+    from .journal import ResumeRefused
+    from .pipeline import OutputError
+    return (UnsupportedArchitecture, CalibrationError, CheckpointError, FactorizationError, ResumeRefused,
+            OutputError, ValueError)
+
+
+def _on_signal(signum, frame):
+    from .pipeline import StopSignal
+    StopSignal.requested = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    logging.basicConfig(level=logging.WARNING, format="leanfoem: %(message)s")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    from .pipeline import Interrupted
+    try:
+        return args.handler(args)
+    except Interrupted:
+        print("leanfoem: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        if args.debug:
+            raise
+        if exc.errno == errno.ENOSPC:
+            print(f"leanfoem: no space left on device ({exc.filename or 'output'}); free some space and run the "
+                  "same command again to resume", file=sys.stderr)
+        else:
+            print(f"leanfoem: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
+    except _user_error_types() as exc:
+        if args.debug:
+            raise
+        print(f"leanfoem: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -1,0 +1,360 @@
+"""`leanfoem quantize`: the block-streaming driver (DESIGN §2), resumable (DESIGN §6).
+
+Why it exists: it ties the pieces together in the one order that keeps memory flat in depth and makes
+a killed run resumable: inputs of block i (a file) → Hessians per sub-group → solver → quantized block
+→ inputs of block i+1 (a file) → packed shard of block i → journal entry. Host memory holds one block,
+one sub-group's Hessians and one batch of activations; device memory the same, without the store.
+
+What must stay true:
+- a block reads its inputs only from the activation file the journal names, so an interrupted and an
+  uninterrupted run compute from the same bits;
+- the journal entry of block i is written only after its shard and the inputs of block i+1 are durable;
+- nothing in the input model directory is written; `config.json` in the output is written last;
+- every batching or dtype choice that changes the bits is part of the fingerprint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from . import __version__
+from .activations import ActivationReader, ActivationWriter, file_sha256
+from .architectures import architecture_for
+from .blocks import BlockRunner
+from .calibration import load_calibration, rows_digest
+from .checkpoint_reader import CheckpointError, CheckpointReader
+from .checkpoint_writer import (copy_side_files, quantization_config, shard_name, shard_tensor_names,
+                                write_configs, write_index, write_shard)
+from .hessian import HessianAccumulator
+from .journal import WORK_DIR_NAME, Journal, fingerprint_digest
+from .models import resolve_model_dir
+from .solver import quantize_weight
+
+log = logging.getLogger(__name__)
+LOG_NAME = "quantize_log.jsonl"
+
+
+class OutputError(ValueError):
+    """The output directory cannot be used for this run."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run stopped at a safe point."""
+
+
+class StopSignal:
+    requested = False
+
+
+@dataclass
+class QuantizeOptions:
+    model: str
+    out: str
+    method: str = "foem"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    alpha: float = 0.0
+    beta: float = 0.2
+    damp: float = 0.01
+    calib: str | None = None          # None: the calibration text bundled with leanfoem
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_format: str = "gptq"
+    batch_tokens: int = 4096          # tokens per forward batch; part of the fingerprint
+    restart: bool = False
+    keep_work: bool = False
+    quiet: bool = False
+
+    def settings(self) -> dict:
+        """The options that determine the output bits."""
+        skip = {"model", "out", "calib", "restart", "keep_work", "quiet", "device"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def compute_dtype(device: torch.device, config) -> torch.dtype:
+    """fp32 on the CPU (fast and exact there); the checkpoint's half type on an accelerator."""
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return torch.bfloat16 if stored in (torch.bfloat16, "bfloat16") else torch.float16
+
+
+def default_calibration() -> str:
+    from importlib.resources import files
+    return str(files("leanfoem") / "demo" / "calibration.txt")
+
+
+class QuantizeRun:
+    def __init__(self, options: QuantizeOptions):
+        self.options = options
+        self.model_dir = resolve_model_dir(options.model)
+        self.out = Path(options.out).expanduser()
+        _check_not_input(self.model_dir, self.out)
+        self.reader = CheckpointReader(self.model_dir)
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.arch = architecture_for(self.config)
+        self.device = resolve_device(options.device)
+        self.dtype = compute_dtype(self.device, self.config)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        limit = getattr(self.config, "max_position_embeddings", None) or options.seqlen
+        self.seqlen = min(options.seqlen, limit)
+        self.calib_source = options.calib or default_calibration()
+        self.rows = load_calibration(self.calib_source, tokenizer, nsamples=options.nsamples,
+                                     seqlen=self.seqlen, seed=options.seed)
+        self.lengths = [r.numel() for r in self.rows]
+        self.fingerprint = self._fingerprint()
+        self.work = self.out / WORK_DIR_NAME
+        self.gptaq = options.alpha > 0 and options.method in ("foem", "gptaq")
+
+    def _fingerprint(self) -> dict:
+        shards = {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                  for p in self.reader.shard_files()}
+        return {
+            "model": {"shards": shards, "config_sha256": file_sha256(self.model_dir / "config.json")},
+            "calibration": {"rows": len(self.rows), "tokens": sum(self.lengths), "sha256": rows_digest(self.rows)},
+            "settings": dict(self.options.settings(), seqlen=self.seqlen),
+            "versions": {"leanfoem": __version__, "torch": torch.__version__.split("+")[0]},
+            "compute": {"device": self.device.type, "dtype": str(self.dtype).removeprefix("torch.")},
+        }
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        digest = fingerprint_digest(self.fingerprint)
+        if self._finished_already(digest):
+            return self.out
+        self._prepare_output()
+        journal = Journal.open(self.work, self.fingerprint)
+        runner = BlockRunner(self.config, self.reader, self.arch, self.device, self.dtype)
+        total_shards = runner.num_blocks + 1
+        if journal.state["inputs"] is None:
+            self._write_first_inputs(runner, journal)
+        runner.release_embedding()
+        start = journal.blocks_done
+        self._emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": len(self.rows),
+                    "tokens": sum(self.lengths), "device": str(self.device)})
+        bar = tqdm(total=runner.num_blocks, initial=start, desc="blocks", unit="block", disable=self.options.quiet)
+        try:
+            for index in range(start, runner.num_blocks):
+                entry = self._quantize_block(runner, journal, index, total_shards, verify=index == start)
+                bar.update(1)
+                if not self.options.quiet:
+                    bar.write(f"block {index + 1}/{runner.num_blocks}: {entry['seconds']:.1f} s, "
+                              f"loss {entry['loss']:.4g}, peak RSS {entry['rss_gib']:.2f} GiB")
+        finally:
+            bar.close()
+        self._finish(journal, total_shards, digest)
+        return self.out
+
+    def _finished_already(self, digest: str) -> bool:
+        config = self.out / "config.json"
+        if not config.is_file():
+            return False
+        try:
+            meta = json.loads(config.read_text())["quantization_config"]["meta"]
+        except (ValueError, KeyError, TypeError):
+            meta = {}
+        if meta.get("fingerprint") != digest:
+            raise OutputError(f"{self.out} already holds a finished checkpoint of another job; "
+                              "choose another --out (nothing was changed)")
+        shutil.rmtree(self.work, ignore_errors=True)
+        self._say(f"{self.out} is already complete for these inputs and settings")
+        return True
+
+    def _prepare_output(self) -> None:
+        if self.options.restart:
+            shutil.rmtree(self.work, ignore_errors=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"--out {self.out} exists and is not a directory")
+        if self.out.is_dir() and not self.work.exists():
+            foreign = [p.name for p in self.out.iterdir()]
+            if foreign:
+                raise OutputError(f"output directory {self.out} is not empty and holds no leanfoem run "
+                                  f"(found {foreign[0]}); choose an empty or new directory")
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            probe = self.work / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(f"cannot write to output directory {self.out}: {exc.strerror or exc}") from None
+
+    def _write_first_inputs(self, runner: BlockRunner, journal: Journal) -> None:
+        name = "acts-00000.npy"
+        writer = ActivationWriter(self.work / name, self.lengths, self.config.hidden_size, self.dtype)
+        try:
+            for ids in self.rows:
+                writer.write(runner.block_inputs(ids)[0])
+            digest = writer.finish()
+        except BaseException:
+            writer.abandon()
+            raise
+        inputs = {"file": name, "sha256": digest}
+        journal.record_inputs(inputs, inputs if self.gptaq else None)
+
+    def _quantize_block(self, runner: BlockRunner, journal: Journal, index: int, total_shards: int,
+                        verify: bool) -> dict:
+        started = time.time()
+        inputs = self._open_inputs(journal.state["inputs"], verify)
+        native_inputs = self._open_inputs(journal.state["native_inputs"], verify) if self.gptaq else None
+        source = runner.source_tensors(index)
+        block = runner.load(index, source)
+        native_block = copy.deepcopy(block) if self.gptaq else None
+        prefix = self.arch.block_prefix(index)
+        packed, losses = {}, []
+        for group in self.arch.subgroups:
+            hessian, cross = self._hessian(runner, block, native_block, group[0], inputs, native_inputs)
+            for name in group:
+                packed.update(self._quantize_linear(block, prefix, name, hessian, cross, losses))
+            del hessian, cross
+        outputs = self._propagate(runner, block, inputs, f"acts-{index + 1:05d}.npy")
+        native_outputs = (self._propagate(runner, native_block, native_inputs, f"native-{index + 1:05d}.npy")
+                          if self.gptaq else None)
+        quantized = {prefix + n + ".weight" for n in self.arch.linear_names}
+        tensors = {k: v for k, v in source.items() if k not in quantized and k not in packed}
+        tensors.update(packed)
+        shard = shard_name(index + 1, total_shards)
+        sha = write_shard(self.out / shard, tensors)
+        entry = {"index": index, "shard": shard, "sha256": sha, "seconds": round(time.time() - started, 3),
+                 "loss": sum(losses), "rss_gib": psutil.Process().memory_info().rss / 2**30}
+        previous = [journal.state["inputs"]["file"]] + (
+            [journal.state["native_inputs"]["file"]] if self.gptaq else [])
+        inputs.close()
+        if native_inputs is not None:
+            native_inputs.close()
+        journal.record_block(entry, outputs, native_outputs)
+        for name in set(previous) - {outputs["file"], (native_outputs or {}).get("file")}:
+            (self.work / name).unlink(missing_ok=True)
+        runner.unload(index)
+        self._emit(dict(entry, event="block"))
+        return entry
+
+    def _open_inputs(self, entry: dict, verify: bool) -> ActivationReader:
+        path = self.work / entry["file"]
+        if not path.is_file() or (verify and file_sha256(path) != entry["sha256"]):
+            raise CheckpointError(f"work file {path} is missing or damaged; run with --restart to start over")
+        return ActivationReader(path, self.lengths, self.dtype)
+
+    def _batches(self, store: ActivationReader):
+        """Consecutive rows of equal length, up to batch_tokens tokens per batch."""
+        i = 0
+        while i < len(store):
+            j = i + 1
+            while (j < len(store) and self.lengths[j] == self.lengths[i]
+                   and (j - i + 1) * self.lengths[i] <= self.options.batch_tokens):
+                j += 1
+            if StopSignal.requested:
+                raise Interrupted
+            yield i, torch.stack([store.row(k) for k in range(i, j)]).to(device=self.device, dtype=self.dtype)
+            i = j
+
+    def _hessian(self, runner, block, native_block, module_name, inputs, native_inputs):
+        width = block.get_submodule(module_name).in_features
+        acc = HessianAccumulator(width, self.device, track_cross=self.gptaq)
+        native_batches = self._batches(native_inputs) if self.gptaq else None
+        for _, batch in self._batches(inputs):
+            x = runner.input_of(block, module_name, batch)
+            x_native = None
+            if native_batches is not None:
+                x_native = runner.input_of(native_block, module_name, next(native_batches)[1])
+            acc.add_batch(x, x_native)
+        return acc.scaled()
+
+    def _quantize_linear(self, block, prefix, name, hessian, cross, losses) -> dict:
+        o = self.options
+        linear = block.get_submodule(name)
+        started = time.time()
+        res = quantize_weight(linear.weight, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym,
+                              desc_act=o.desc_act, method=o.method, alpha=o.alpha, beta=o.beta, damp=o.damp,
+                              cross=cross)
+        linear.weight.data = res.dequantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        losses.append(res.loss)
+        tensors = {prefix + name + "." + k: v.cpu() for k, v in res.pack(o.checkpoint_format).items()}
+        if linear.bias is not None:
+            tensors[prefix + name + ".bias"] = linear.bias.detach().to("cpu", torch.float16)
+        self._emit({"event": "module", "module": prefix + name, "loss": res.loss, "damp": res.damp,
+                    "condition": res.stats.get("condition"), "seconds": round(time.time() - started, 3),
+                    "rss_gib": psutil.Process().memory_info().rss / 2**30,
+                    "device_peak_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
+                                        if self.device.type == "cuda" else None)})
+        return tensors
+
+    def _propagate(self, runner, block, inputs, name) -> dict:
+        writer = ActivationWriter(self.work / name, self.lengths, self.config.hidden_size, self.dtype)
+        try:
+            for _, batch in self._batches(inputs):
+                for row in runner.forward(block, batch):
+                    writer.write(row)
+            return {"file": name, "sha256": writer.finish()}
+        except BaseException:
+            writer.abandon()
+            raise
+
+    def _finish(self, journal: Journal, total_shards: int, digest: str) -> None:
+        extra = shard_name(total_shards, total_shards)
+        block_prefix = self.arch.layers + "."
+        outside = {n: self.reader.tensor(n) for n in self.reader.names() if not n.startswith(block_prefix)}
+        if journal.state["extra"] is None:
+            journal.record_extra({"shard": extra, "sha256": write_shard(self.out / extra, outside)})
+        weight_map = {}
+        for number in range(1, total_shards + 1):
+            name = shard_name(number, total_shards)
+            weight_map.update({t: name for t in shard_tensor_names(self.out / name)})
+        write_index(self.out, weight_map)
+        copy_side_files(self.model_dir, self.out)
+        o = self.options
+        meta = {"quantizer": [f"leanfoem:{__version__}"], "method": o.method,
+                "foem": {"alpha": o.alpha, "beta": o.beta}, "damp": o.damp,
+                "calibration": {"source": Path(self.calib_source).name, **self.fingerprint["calibration"]},
+                "fingerprint": digest}
+        qconfig = quantization_config(bits=o.bits, group_size=o.group_size, sym=o.sym, desc_act=o.desc_act,
+                                      damp=o.damp, checkpoint_format=o.checkpoint_format, meta=meta)
+        config = json.loads((self.model_dir / "config.json").read_text())
+        write_configs(self.out, config, qconfig)
+        if not o.keep_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self._emit({"event": "done", "out": str(self.out)})
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def _emit(self, record: dict) -> None:
+        record = dict(record, time=round(time.time(), 3))
+        with open(self.out / LOG_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _say(self, text: str) -> None:
+        if not self.options.quiet:
+            print(text)
+
+
+def quantize(options: QuantizeOptions) -> Path:
+    return QuantizeRun(options).run()
+
+
+def _check_not_input(model_dir: Path, out: Path) -> None:
+    model, target = model_dir.resolve(), out.resolve()
+    if target == model or model in target.parents:
+        raise OutputError(f"--out {out} is the input model directory (or inside it); the input is never written")
