@@ -108,7 +108,7 @@ class BlockRunner:
         names = self.reader.names(prefix)
         if not names:
             raise CheckpointError(f"the checkpoint holds no tensor of block {index} ({prefix}*)")
-        return {name: check_finite(name, self.reader.tensor(name)) for name in names}
+        return {name: check_finite(name, tensor) for name, tensor in self.reader.tensors(names).items()}
 
     def load(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Block `index` on the device in the compute dtype, from its source tensors."""

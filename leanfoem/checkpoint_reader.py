@@ -32,12 +32,10 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise CheckpointError(f"model directory not found: {self.model_dir}")
-        self._handles, self._names = {}, {}
         self.weight_map = self._read_weight_map()
-        for shard in sorted(set(self.weight_map.values())):
-            self._open(shard)
+        names_by_shard = {shard: _validated_names(self.model_dir / shard) for shard in set(self.weight_map.values())}
         for name, shard in self.weight_map.items():
-            if name not in self._names[shard]:
+            if name not in names_by_shard[shard]:
                 raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but missing from {shard}")
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -49,27 +47,9 @@ class CheckpointReader:
                 raise CheckpointError(f"unreadable shard index {index}: {exc}") from None
         single = self.model_dir / SINGLE_NAME
         if single.is_file():
-            return {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
+            return {name: SINGLE_NAME for name in _validated_names(single)}
         raise CheckpointError(f"no safetensors weights in {self.model_dir} "
                               f"(expected {INDEX_NAME} or {SINGLE_NAME})")
-
-    def _open(self, shard: str):
-        if shard in self._handles:
-            return self._handles[shard]
-        path = self.model_dir / shard
-        if not path.is_file():
-            raise CheckpointError(f"shard {shard} named in {INDEX_NAME} is missing")
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            names = set(handle.keys())
-            _check_extent(handle, path, names)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"corrupt or truncated shard {shard}: {exc}") from None
-        self._names[shard] = names
-        self._handles[shard] = handle
-        return handle
 
     def names(self, prefix: str = "") -> list[str]:
         return sorted(n for n in self.weight_map if n.startswith(prefix))
@@ -78,13 +58,25 @@ class CheckpointReader:
         return name in self.weight_map
 
     def tensor(self, name: str) -> torch.Tensor:
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise CheckpointError(f"tensor {name} is not in the checkpoint")
-        try:
-            return self._handles[shard].get_tensor(name)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read tensor {name} from {shard}: {exc}") from None
+        return self.tensors([name])[name]
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Reads the named tensors, opening each shard once. Shards are closed afterwards: a mapping kept
+        open would keep every page read so far resident, and host memory would grow with depth."""
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise CheckpointError(f"tensor {name} is not in the checkpoint")
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for shard, shard_names in by_shard.items():
+            try:
+                with safe_open(str(self.model_dir / shard), framework="pt", device="cpu") as handle:
+                    for name in shard_names:
+                        out[name] = handle.get_tensor(name)
+            except Exception as exc:
+                raise CheckpointError(f"cannot read {shard_names[0]} from {shard}: {exc}") from None
+        return out
 
     def shard_files(self) -> list[Path]:
         return [self.model_dir / s for s in sorted(set(self.weight_map.values()))]
@@ -93,8 +85,21 @@ class CheckpointReader:
         return sum(p.stat().st_size for p in self.shard_files())
 
 
-def _check_extent(handle, path: Path, names: set[str]) -> None:
-    """A truncated shard still has a valid header; its data must reach the end of the last tensor."""
+def _validated_names(path: Path) -> set[str]:
+    """Tensor names of one shard, after checking that safetensors accepts its header and that its data
+    reaches as far as the header promises (a truncated shard keeps a valid header)."""
+    if not path.is_file():
+        raise CheckpointError(f"shard {path.name} named in {INDEX_NAME} is missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = set(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"corrupt or truncated shard {path.name}: {exc}") from None
+    _check_extent(path)
+    return names
+
+
+def _check_extent(path: Path) -> None:
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))

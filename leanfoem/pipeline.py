@@ -317,9 +317,10 @@ class QuantizeRun:
     def _finish(self, journal: Journal, total_shards: int, digest: str) -> None:
         extra = shard_name(total_shards, total_shards)
         block_prefix = self.arch.layers + "."
-        outside = {n: self.reader.tensor(n) for n in self.reader.names() if not n.startswith(block_prefix)}
         if journal.state["extra"] is None:
+            outside = self.reader.tensors([n for n in self.reader.names() if not n.startswith(block_prefix)])
             journal.record_extra({"shard": extra, "sha256": write_shard(self.out / extra, outside)})
+            del outside
         weight_map = {}
         for number in range(1, total_shards + 1):
             name = shard_name(number, total_shards)
