@@ -7,7 +7,8 @@ the resume fingerprint.
 What must stay true:
 - `.txt`: the whole text is tokenized as one stream and cut into `nsamples` windows of `seqlen` tokens,
   evenly spread over the stream (a seeded jitter inside each slot), non-overlapping;
-- `.jsonl`: one sample per row (field "text"), rows in order, each truncated to `seqlen` tokens;
+- `.jsonl`: one sample per row (field "text", or "input_ids" for rows tokenized elsewhere, e.g. to give
+  two tools the very same rows), rows in order, each truncated to `seqlen` tokens;
 - fewer windows than asked → a warning and what there is; less than one window → CalibrationError
   naming how many tokens were found and needed.
 """
@@ -64,16 +65,19 @@ def _read_text(path: Path) -> str:
         raise CalibrationError(f"calibration file {path} is not UTF-8 text: {exc}") from None
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    texts = []
+def _read_jsonl(path: Path) -> list[str | list[int]]:
+    """Texts, or lists of token ids where a row carries "input_ids"."""
+    samples = []
     for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            texts.append(json.loads(line)["text"])
+            row = json.loads(line)
+            samples.append([int(i) for i in row["input_ids"]] if "input_ids" in row else str(row["text"]))
         except (ValueError, KeyError, TypeError):
-            raise CalibrationError(f"{path} line {number}: expected a JSON object with a \"text\" field") from None
-    return texts
+            raise CalibrationError(f"{path} line {number}: expected a JSON object with a \"text\" "
+                                   "or \"input_ids\" field") from None
+    return samples
 
 
 def _windows_from_stream(text: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
@@ -94,8 +98,8 @@ def _windows_from_stream(text: str, tokenizer, nsamples: int, seqlen: int, seed:
 
 def _rows_from_texts(texts, tokenizer, nsamples: int, seqlen: int) -> list[torch.Tensor]:
     rows = []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"][:seqlen]
+    for sample in texts:
+        ids = (sample if isinstance(sample, list) else tokenizer(sample)["input_ids"])[:seqlen]
         if len(ids) >= 2:
             rows.append(torch.tensor(ids, dtype=torch.long))
         if len(rows) == nsamples:
