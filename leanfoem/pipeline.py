@@ -40,7 +40,7 @@ from .checkpoint_writer import (copy_side_files, quantization_config, shard_name
 from .hessian import HessianAccumulator
 from .journal import WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
-from .solver import quantize_weight
+from .solver import method_terms, prepare_hessian, quantize_prepared, quantize_weight
 
 log = logging.getLogger(__name__)
 LOG_NAME = "quantize_log.jsonl"
@@ -129,7 +129,8 @@ class QuantizeRun:
         self.lengths = [r.numel() for r in self.rows]
         self.fingerprint = self._fingerprint()
         self.work = self.out / WORK_DIR_NAME
-        self.gptaq = options.alpha > 0 and options.method in ("foem", "gptaq")
+        self.alpha, self.beta = method_terms(options.method, options.alpha, options.beta, hessian=True, cross=True)
+        self.gptaq = self.alpha > 0
 
     def _fingerprint(self) -> dict:
         shards = {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
@@ -227,10 +228,15 @@ class QuantizeRun:
         prefix = self.arch.block_prefix(index)
         packed, losses = {}, []
         for group in self.arch.subgroups:
-            hessian, cross = self._hessian(runner, block, native_block, group[0], inputs, native_inputs)
-            for name in group:
-                packed.update(self._quantize_linear(block, prefix, name, hessian, cross, losses))
-            del hessian, cross
+            prepared = None
+            if self.options.method != "rtn":  # round-to-nearest needs no statistics
+                hessian, cross = self._hessian(runner, block, native_block, group[0], inputs, native_inputs)
+                prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
+                                           alpha=self.alpha, cross=cross)
+                del hessian, cross
+            for name in group:  # the modules of a sub-group share one input, hence one factorisation
+                packed.update(self._quantize_linear(block, prefix, name, prepared, losses))
+            del prepared
         outputs = self._propagate(runner, block, inputs, f"acts-{index + 1:05d}.npy")
         native_outputs = (self._propagate(runner, native_block, native_inputs, f"native-{index + 1:05d}.npy")
                           if self.gptaq else None)
@@ -284,13 +290,15 @@ class QuantizeRun:
             acc.add_batch(x, x_native)
         return acc.scaled()
 
-    def _quantize_linear(self, block, prefix, name, hessian, cross, losses) -> dict:
+    def _quantize_linear(self, block, prefix, name, prepared, losses) -> dict:
         o = self.options
         linear = block.get_submodule(name)
         started = time.time()
-        res = quantize_weight(linear.weight, hessian, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                              desc_act=o.desc_act, method=o.method, alpha=o.alpha, beta=o.beta, damp=o.damp,
-                              cross=cross)
+        if prepared is None:
+            res = quantize_weight(linear.weight, None, bits=o.bits, group_size=o.group_size, sym=o.sym, method="rtn")
+        else:
+            res = quantize_prepared(linear.weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
+                                    method=o.method, beta=self.beta)
         linear.weight.data = res.dequantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
         losses.append(res.loss)
         tensors = {prefix + name + "." + k: v.cpu() for k, v in res.pack(o.checkpoint_format).items()}

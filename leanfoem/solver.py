@@ -71,41 +71,69 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, *, bits:
     = (X̃ − X)·Xᵀ on H's scale), "foem" (β, and α if given). `damp` is a fraction of mean(diag H).
     Runs on weight's device; the factorisation is fp64, the column loop fp32.
     """
-    alpha, beta = _method_terms(method, alpha, beta, hessian, cross)
+    alpha, beta = method_terms(method, alpha, beta, hessian, cross)
     _check_shapes(weight, hessian, cross, bits, group_size)
-    wt = weight.detach().to(torch.float32).T.contiguous()  # [in, out]
     if hessian is None:
+        wt = weight.detach().to(torch.float32).T.contiguous()
         return _round_to_nearest(wt, bits, group_size, sym)
+    prepared = prepare_hessian(hessian, damp=damp, desc_act=desc_act, alpha=alpha, cross=cross, device=weight.device)
+    return quantize_prepared(weight, prepared, bits=bits, group_size=group_size, sym=sym, method=method, beta=beta,
+                             block_size=block_size)
+
+
+@dataclass
+class PreparedHessian:
+    """Everything the column loop needs from H, shared by every layer that reads the same input."""
+
+    upper: torch.Tensor                 # U of the (permuted) damped H, fp32
+    dead: torch.Tensor                  # inputs with H_cc = 0: their weight columns are zeroed
+    perm: torch.Tensor | None           # act-order permutation
+    gptaq: torch.Tensor | None          # P = α·triu₁(C·Uᵀ)·U
+    factor: Factor
+
+
+def prepare_hessian(hessian: torch.Tensor, *, damp: float, desc_act: bool, alpha: float = 0.0,
+                    cross: torch.Tensor | None = None, device=None) -> PreparedHessian:
+    """Dead inputs, act-order and the fp64 factorisation of DESIGN §3.1/§3.5, done once per input."""
+    device = hessian.device if device is None else device
     # an fp64 H stays fp64 until factorised: rounding it to fp32 can already make it indefinite
     h_dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    h = hessian.detach().to(device=wt.device, dtype=h_dtype).clone()
-    cross = None if cross is None else cross.detach().to(device=wt.device, dtype=torch.float32).clone()
-
+    h = hessian.detach().to(device=device, dtype=h_dtype).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
-    wt[dead] = 0
-    if cross is not None:
-        cross[:, dead] = 0
-
     perm = None
     if desc_act:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        wt, h = wt[perm], h[perm][:, perm]
-        if cross is not None:
-            cross = cross[perm][:, perm]
-
+        h = h[perm][:, perm]
     factor = inverse_upper_factor(h, damp)
     del h
+    upper = factor.upper.to(device)
+    gptaq = None
+    if alpha > 0:
+        c = cross.detach().to(device=device, dtype=torch.float32).clone()
+        c[:, dead] = 0
+        if perm is not None:
+            c = c[perm][:, perm]
+        gptaq = alpha * torch.triu(c @ upper.T, diagonal=1) @ upper
+    return PreparedHessian(upper, dead, perm, gptaq, factor)
+
+
+def quantize_prepared(weight: torch.Tensor, prepared: PreparedHessian, *, bits: int, group_size: int, sym: bool,
+                      method: str, beta: float, block_size: int = 128) -> QuantResult:
+    wt = weight.detach().to(device=prepared.upper.device, dtype=torch.float32).T.contiguous()  # [in, out]
+    wt[prepared.dead] = 0
+    if prepared.perm is not None:
+        wt = wt[prepared.perm]
     if method == "rtn":
-        result = _round_to_nearest(wt, bits, group_size, sym, factor.upper.diagonal())
+        result = _round_to_nearest(wt, bits, group_size, sym, prepared.upper.diagonal())
     else:
-        gptaq = None if alpha == 0 else alpha * torch.triu(cross @ factor.upper.T, diagonal=1) @ factor.upper
-        result = solve_columns(wt, factor.upper, bits=bits, group_size=group_size, sym=sym, beta=beta,
-                               gptaq=gptaq, block_size=block_size)
-    result.damp = factor.damp
-    result.stats = {"damp_tried": factor.tried, "condition": factor.condition}
-    if perm is not None:
-        _undo_permutation(result, perm)
+        result = solve_columns(wt, prepared.upper, bits=bits, group_size=group_size, sym=sym,
+                               beta=0.0 if method in ("gptq", "gptaq") else beta, gptaq=prepared.gptaq,
+                               block_size=block_size)
+    result.damp = prepared.factor.damp
+    result.stats = {"damp_tried": prepared.factor.tried, "condition": prepared.factor.condition}
+    if prepared.perm is not None:
+        _undo_permutation(result, prepared.perm)
     return result
 
 
@@ -117,12 +145,13 @@ def solve_columns(wt: torch.Tensor, upper: torch.Tensor, *, bits: int, group_siz
     original = wt.clone() if beta else None
     codes = torch.empty((columns, rows), dtype=torch.uint8, device=wt.device)
     scales, zeros = [], []
-    scaled_errors = torch.empty_like(wt)  # (w − q)/U_cc, squared and summed for the loss
+    loss = torch.zeros((), dtype=torch.float64, device=wt.device)
     for b0 in range(0, columns, block_size):
         b1 = min(b0 + block_size, columns)
         block = wt[b0:b1].clone()
         block_original = None if original is None else original[b0:b1]
         errors = torch.empty_like(block)
+        scaled_errors = torch.empty_like(block)  # (w − q)/U_cc, squared and summed for the loss
         diag_u = upper[b0:b1, b0:b1]
         for i in range(b1 - b0):
             c = b0 + i
@@ -135,7 +164,7 @@ def solve_columns(wt: torch.Tensor, upper: torch.Tensor, *, bits: int, group_siz
             codes[c] = code.to(torch.uint8)
             residual = w - dequantize(code, scale, zero)
             d = diag_u[i, i]
-            scaled_errors[c] = residual / d
+            scaled_errors[i] = residual / d
             err = residual if original is None else residual - beta * (w - block_original[i])
             err = err / d
             w_before = w.clone() if gptaq is not None else None
@@ -145,14 +174,14 @@ def solve_columns(wt: torch.Tensor, upper: torch.Tensor, *, bits: int, group_siz
             if original is not None and i + 1 < b1 - b0:
                 block[i + 1] -= beta * (block[i + 1] - block_original[i + 1])
             errors[i] = err
+        loss += scaled_errors.double().square().sum()
         if b1 < columns:
             wt[b1:].addmm_(upper[b0:b1, b1:].T, errors, alpha=-1)
             if gptaq is not None:
                 wt[b1:].addmm_(gptaq[b0:b1, b1:].T, block)
-    loss = float(scaled_errors.double().square().sum())
     g_idx = torch.arange(columns, device=wt.device, dtype=torch.int32) // group
     return QuantResult(codes, torch.stack(scales).to(torch.float16), torch.stack(zeros).to(torch.int32), g_idx,
-                       bits, group_size, sym, False, loss, 0.0)
+                       bits, group_size, sym, False, loss.item(), 0.0)
 
 
 def _round_to_nearest(wt: torch.Tensor, bits: int, group_size: int, sym: bool,
@@ -184,7 +213,7 @@ def _undo_permutation(result: QuantResult, perm: torch.Tensor) -> None:
     result.desc_act = True
 
 
-def _method_terms(method: str, alpha: float, beta: float, hessian, cross) -> tuple[float, float]:
+def method_terms(method: str, alpha: float, beta: float, hessian, cross) -> tuple[float, float]:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if method == "gptq":
