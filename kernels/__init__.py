@@ -1,0 +1,43 @@
+"""Fused Triton kernels for the GPU hot paths, each with a pure-torch reference in `kernels.reference`.
+
+Why it exists: on a GPU the column loop is launch-bound and packing/dequantizing in torch materialises
+int64 temporaries; these kernels do the same work in one launch each. Triton is optional (the `kernels`
+extra): importing this package never imports triton; `fused_available()` says whether the kernels can
+run, and `block_step_for(wt)` picks the fused block step for float32 CUDA tensors and the reference
+otherwise, so callers need no branch of their own.
+
+- `kernels.block_step.block_step` — one 128-column block of the FOEM/GPTQ/GPTAQ loop (oracle:
+  `kernels.reference.block_step`, the body of the block loop of `leanfoem.solver.solve_columns`);
+- `kernels.pack.pack_gptq` — codes/zeros → GPTQ int32 words (oracle: `leanfoem.packing.pack_gptq`);
+- `kernels.dequant.gptq_matmul` / `dequantize_gptq` — x @ Wᵀ straight from a packed layer (oracle:
+  `leanfoem.packing.unpack_gptq`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .reference import block_step as reference_block_step
+
+
+@functools.cache
+def fused_available() -> bool:
+    """True when triton imports (on a GPU it compiles; on a CPU only TRITON_INTERPRET=1 runs it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def block_step_for(wt: torch.Tensor):
+    """The block step to use for `wt`: fused on float32 CUDA tensors when triton is there, else the reference."""
+    if wt.is_cuda and wt.dtype == torch.float32 and fused_available():
+        from .block_step import block_step
+        return block_step
+    return reference_block_step
+
+
+__all__ = ["fused_available", "block_step_for", "reference_block_step"]
