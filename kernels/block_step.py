@@ -13,7 +13,7 @@ What must stay true (the oracle is `kernels.reference.block_step`, same signatur
 - group grids are fitted from `wt` at block start (the global W, DESIGN §3.1), read from global memory, so a
   group that starts inside the block but ends past it (or a per-row grid, group = in) is fitted in-kernel
   from the columns to its right too; a group that began in an earlier block is read back from `scales`;
-- `wt` is only read; the updated block and the errors go to fresh buffers.
+- `wt` is only read; the updated block, the errors and the scaled errors go to fresh [width, out] buffers.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _rint(x):
 @triton.jit
 def _block_step_kernel(wt_ptr, u_ptr, w0_ptr, p_ptr, codes_ptr, serr_ptr, scales_ptr, zeros_ptr, err_ptr, blk_ptr,
                        rows, columns, b0, width, group, beta,
-                       s_wt, t_wt, s_u, t_u, s_w0, t_w0, s_p, t_p, s_codes, t_codes, s_serr, t_serr,
-                       s_sc, t_sc, s_z, t_z, s_err, s_blk,
+                       s_wt, t_wt, s_u, t_u, s_w0, t_w0, s_p, t_p, s_codes, t_codes,
+                       s_sc, t_sc, s_z, t_z, s_out,
                        MAXQ: tl.constexpr, SYM: tl.constexpr, HAS_BETA: tl.constexpr, HAS_P: tl.constexpr,
                        BLOCK: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
@@ -92,7 +92,7 @@ def _block_step_kernel(wt_ptr, u_ptr, w0_ptr, p_ptr, codes_ptr, serr_ptr, scales
         tl.store(codes_ptr + c * s_codes + offs_r * t_codes, code.to(tl.uint8), mask=rmask)
         residual = w - scale * (code - zero)
         d = tl.load(u_ptr + c * s_u + c * t_u)
-        tl.store(serr_ptr + c * s_serr + offs_r * t_serr, tl.math.div_rn(residual, d + tl.zeros([TILE], tl.float32)),
+        tl.store(serr_ptr + i * s_out + offs_r, tl.math.div_rn(residual, d + tl.zeros([TILE], tl.float32)),
                  mask=rmask)
         if HAS_BETA:
             w0c = tl.sum(tl.where(sel, w0, 0.0), axis=0)
@@ -109,15 +109,14 @@ def _block_step_kernel(wt_ptr, u_ptr, w0_ptr, p_ptr, codes_ptr, serr_ptr, scales
             nxt = (offs_b == i + 1)[:, None]
             blk = tl.where(nxt, blk - beta * (blk - w0), blk)
         errs = tl.where(sel, err[None, :], errs)
-    tl.store(err_ptr + offs_b[:, None] * s_err + offs_r[None, :], errs, mask=m2)
-    tl.store(blk_ptr + offs_b[:, None] * s_blk + offs_r[None, :], blk, mask=m2)
+    tl.store(err_ptr + offs_b[:, None] * s_out + offs_r[None, :], errs, mask=m2)
+    tl.store(blk_ptr + offs_b[:, None] * s_out + offs_r[None, :], blk, mask=m2)
 
 
-def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: torch.Tensor,
-               scaled_errors: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group: int,
-               sym: bool, beta: float = 0.0, original: torch.Tensor | None = None,
-               gptaq: torch.Tensor | None = None, tile: int = TILE,
-               num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor, *, bits: int, group: int, sym: bool, beta: float = 0.0,
+               original: torch.Tensor | None = None, gptaq: torch.Tensor | None = None, tile: int = TILE,
+               num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused version of `kernels.reference.block_step` (same arguments, same effects); float32 tensors.
 
     Blocks up to 128 columns wide in one launch (a wider block raises).
@@ -129,20 +128,21 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
     if beta and original is None:
         raise ValueError("beta > 0 needs the original weights")
     for name, t in (("wt", wt), ("upper", upper), ("original", original), ("gptaq", gptaq),
-                    ("scaled_errors", scaled_errors), ("scales", scales), ("zeros", zeros)):
+                    ("scales", scales), ("zeros", zeros)):
         if t is not None and t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 for the fused kernel, not {t.dtype}")
         if t is not None and t.device != wt.device:
             raise ValueError(f"{name} is on {t.device}, wt on {wt.device}")
     errors = torch.empty((width, rows), dtype=torch.float32, device=wt.device)
     block = torch.empty_like(errors)
+    scaled_errors = torch.empty_like(errors)
     w0 = original if beta else wt          # any valid pointer when unused
     p = gptaq if gptaq is not None else upper
     _block_step_kernel[(triton.cdiv(rows, tile),)](
         wt, upper, w0, p, codes, scaled_errors, scales, zeros, errors, block,
         rows, columns, b0, width, group, float(beta),
-        *wt.stride(), *upper.stride(), *w0.stride(), *p.stride(), *codes.stride(), *scaled_errors.stride(),
-        *scales.stride(), *zeros.stride(), errors.stride(0), block.stride(0),
+        *wt.stride(), *upper.stride(), *w0.stride(), *p.stride(), *codes.stride(),
+        *scales.stride(), *zeros.stride(), errors.stride(0),
         MAXQ=(1 << bits) - 1, SYM=bool(sym), HAS_BETA=bool(beta), HAS_P=gptaq is not None,
         BLOCK=128, TILE=tile, CHUNK=CHUNK, num_warps=num_warps, enable_fp_fusion=False)
-    return errors, block
+    return errors, block, scaled_errors

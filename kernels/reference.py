@@ -23,18 +23,19 @@ from leanfoem.packing import unpack_gptq
 from leanfoem.quantizer import dequantize, fit_grid, quantize_codes
 
 
-def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: torch.Tensor,
-               scaled_errors: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group: int,
-               sym: bool, beta: float = 0.0, original: torch.Tensor | None = None,
-               gptaq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor, *, bits: int, group: int, sym: bool, beta: float = 0.0,
+               original: torch.Tensor | None = None,
+               gptaq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Columns b0:b1 of the FOEM/GPTQ/GPTAQ column loop on Wt [in, out].
 
     Reads `wt` (the global weights holding the lazy updates of earlier blocks; not modified), `upper` (U),
     `original` (W₀, needed when beta > 0) and `gptaq` (P, or None). `group` is the effective group size
-    (`in` for per-row grids). Writes codes[b0:b1] (uint8 [in, out]), scaled_errors[b0:b1] = (w − q)/U_cc,
-    and scales[g], zeros[g] ([groups, out], wt's dtype) for every group g that starts in the block; a group
-    that started earlier is read from scales/zeros. Returns (errors, block), each [b1 − b0, out]: the Err of
-    the lazy update and the block after its in-block updates (the W_block of the GPTAQ lazy term).
+    (`in` for per-row grids). Writes codes[b0:b1] (uint8 [in, out]) and scales[g], zeros[g] ([groups, out],
+    wt's dtype) for every group g that starts in the block; a group that started earlier is read from
+    scales/zeros. Returns (errors, block, scaled_errors), each [b1 − b0, out]: the Err of the lazy update,
+    the block after its in-block updates (the W_block of the GPTAQ lazy term) and (w − q)/U_cc, whose
+    squares sum to the layer loss.
     """
     if beta and original is None:
         raise ValueError("beta > 0 needs the original weights")
@@ -42,6 +43,7 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
     block = wt[b0:b1].clone()
     block_original = original[b0:b1] if beta else None
     errors = torch.empty_like(block)
+    scaled_errors = torch.empty_like(block)
     diag_u = upper[b0:b1, b0:b1]
     scale, zero = scales[b0 // group], zeros[b0 // group]  # the grid in force, if its group began earlier
     for i in range(b1 - b0):
@@ -55,7 +57,7 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
         codes[c] = code.to(torch.uint8)
         residual = w - dequantize(code, scale, zero)
         d = diag_u[i, i]
-        scaled_errors[c] = residual / d
+        scaled_errors[i] = residual / d
         err = residual if block_original is None else residual - beta * (w - block_original[i])
         err = err / d
         w_before = w.clone() if gptaq is not None else None
@@ -65,7 +67,7 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
         if block_original is not None and i + 1 < b1 - b0:
             block[i + 1] -= beta * (block[i + 1] - block_original[i + 1])
         errors[i] = err
-    return errors, block
+    return errors, block, scaled_errors
 
 
 def gptq_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], bits: int, checkpoint_format: str = "gptq",
