@@ -24,8 +24,8 @@ import triton.language as tl
 
 from .reference import block_step as reference_block_step  # noqa: F401  (the oracle, re-exported)
 
-TILE = 16      # output features per program; tuned on an H100 (tools/bench_kernels.py)
-NUM_WARPS = 2
+TILE = 8       # output features per program; tuned on an H100 (tools/bench_kernels.py, docs/BENCHMARKS.md)
+NUM_WARPS = 1
 CHUNK = 32     # columns of wt read per step when fitting a group grid
 
 
