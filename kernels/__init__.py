@@ -32,9 +32,10 @@ def fused_available() -> bool:
     return True
 
 
-def block_step_for(wt: torch.Tensor):
-    """The block step to use for `wt`: fused on float32 CUDA tensors when triton is there, else the reference."""
-    if wt.is_cuda and wt.dtype == torch.float32 and fused_available():
+def block_step_for(wt: torch.Tensor, block_size: int = 128):
+    """The block step to use for `wt`: fused on float32 CUDA tensors when triton is there (and blocks are at
+    most 128 columns wide), else the reference."""
+    if wt.is_cuda and wt.dtype == torch.float32 and block_size <= 128 and fused_available():
         from .block_step import block_step
         return block_step
     return reference_block_step
