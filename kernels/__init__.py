@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the GPU hot paths, each with a pure-torch reference in `kernels.reference`.
+"""Fused Triton kernels for the GPU hot paths, each with a pure-torch reference in leanfoem
+(re-exported by `kernels.reference`).
 
 Why it exists: on a GPU the column loop is launch-bound and packing/dequantizing in torch materialises
 int64 temporaries; these kernels do the same work in one launch each. Triton is optional (the `kernels`
@@ -19,7 +20,6 @@ import functools
 
 import torch
 
-from .reference import block_step as reference_block_step
 
 
 @functools.cache
@@ -35,10 +35,8 @@ def fused_available() -> bool:
 def block_step_for(wt: torch.Tensor, block_size: int = 128):
     """The block step to use for `wt`: fused on float32 CUDA tensors when triton is there (and blocks are at
     most 128 columns wide), else the reference."""
-    if wt.is_cuda and wt.dtype == torch.float32 and block_size <= 128 and fused_available():
-        from .block_step import block_step
-        return block_step
-    return reference_block_step
+    from leanfoem.solver import _block_step_for
+    return _block_step_for(wt, block_size)
 
 
-__all__ = ["fused_available", "block_step_for", "reference_block_step"]
+__all__ = ["fused_available", "block_step_for"]

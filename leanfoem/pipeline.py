@@ -15,11 +15,14 @@ What must stay true:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import dataclasses
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,13 +229,15 @@ class QuantizeRun:
         block = runner.load(index, source)
         native_block = copy.deepcopy(block) if self.gptaq else None
         prefix = self.arch.block_prefix(index)
+        for name in self.arch.linear_names:  # their packed form replaces them; keep only what is copied as is
+            source.pop(prefix + name + ".weight", None)
         packed, losses = {}, []
         for group in self.arch.subgroups:
             prepared = None
             if self.options.method != "rtn":  # round-to-nearest needs no statistics
                 hessian, cross = self._hessian(runner, block, native_block, group[0], inputs, native_inputs)
                 prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
-                                           alpha=self.alpha, cross=cross)
+                                           alpha=self.alpha, cross=cross, overwrite=True)
                 del hessian, cross
             for name in group:  # the modules of a sub-group share one input, hence one factorisation
                 packed.update(self._quantize_linear(block, prefix, name, prepared, losses))
@@ -240,8 +245,7 @@ class QuantizeRun:
         outputs = self._propagate(runner, block, inputs, f"acts-{index + 1:05d}.npy")
         native_outputs = (self._propagate(runner, native_block, native_inputs, f"native-{index + 1:05d}.npy")
                           if self.gptaq else None)
-        quantized = {prefix + n + ".weight" for n in self.arch.linear_names}
-        tensors = {k: v for k, v in source.items() if k not in quantized and k not in packed}
+        tensors = {k: v for k, v in source.items() if k not in packed}
         tensors.update(packed)
         shard = shard_name(index + 1, total_shards)
         sha = write_shard(self.out / shard, tensors)
@@ -256,6 +260,7 @@ class QuantizeRun:
         for name in set(previous) - {outputs["file"], (native_outputs or {}).get("file")}:
             (self.work / name).unlink(missing_ok=True)
         runner.unload(index)
+        release_freed_memory()
         self._emit(dict(entry, event="block"))
         return entry
 
@@ -357,6 +362,14 @@ class QuantizeRun:
     def _say(self, text: str) -> None:
         if not self.options.quiet:
             print(text)
+
+
+def release_freed_memory() -> None:
+    """Hands memory freed by the last block back to the OS. glibc keeps freed large blocks in its arenas,
+    and without this the resident size creeps up block after block (measured: +50 MB per block at hidden 2048)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def quantize(options: QuantizeOptions) -> Path:

@@ -13,6 +13,8 @@ maintain inside GPTQModel, so results are comparable:
 What must stay true:
 - W is held transposed ([in, out], "Wt") so that a column is a contiguous row and every in-block update
   is a contiguous rank-1 update; the lazy update is one matmul;
+- `block_step` (one block of columns) is the CPU path and the oracle of the fused Triton kernel in
+  `kernels/`, which the loop uses for float32 CUDA tensors when triton imports;
 - the dequantized result is rebuilt from the stored codes, fp16 scales and zeros, so it is exactly what a
   loader of the packed checkpoint computes with;
 - β = 0 and α = 0 is plain GPTQ, operation for operation.
@@ -93,19 +95,25 @@ class PreparedHessian:
 
 
 def prepare_hessian(hessian: torch.Tensor, *, damp: float, desc_act: bool, alpha: float = 0.0,
-                    cross: torch.Tensor | None = None, device=None) -> PreparedHessian:
-    """Dead inputs, act-order and the fp64 factorisation of DESIGN §3.1/§3.5, done once per input."""
+                    cross: torch.Tensor | None = None, device=None, overwrite: bool = False) -> PreparedHessian:
+    """Dead inputs, act-order and the fp64 factorisation of DESIGN §3.1/§3.5, done once per input.
+
+    `overwrite=True` hands H's storage over (the pipeline's H is spent after this): no copy is made and U
+    may end up in it — for a 28672-wide down_proj that is 3.3 GB less at the peak.
+    """
     device = hessian.device if device is None else device
     # an fp64 H stays fp64 until factorised: rounding it to fp32 can already make it indefinite
     h_dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    h = hessian.detach().to(device=device, dtype=h_dtype).clone()
+    h = hessian.detach().to(device=device, dtype=h_dtype)
+    if h.data_ptr() == hessian.data_ptr() and not overwrite:  # .to() made no copy: keep the caller's H intact
+        h = h.clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     perm = None
     if desc_act:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h = h[perm][:, perm]
-    factor = inverse_upper_factor(h, damp)
+        h = h[perm[:, None], perm]
+    factor = inverse_upper_factor(h, damp, overwrite=True)
     del h
     upper = factor.upper.to(device)
     gptaq = None
@@ -144,44 +152,84 @@ def solve_columns(wt: torch.Tensor, upper: torch.Tensor, *, bits: int, group_siz
     group = columns if group_size == -1 else group_size
     original = wt.clone() if beta else None
     codes = torch.empty((columns, rows), dtype=torch.uint8, device=wt.device)
-    scales, zeros = [], []
+    scales = torch.empty((-(-columns // group), rows), dtype=wt.dtype, device=wt.device)
+    zeros = torch.empty_like(scales)
+    step = _block_step_for(wt, block_size)
     loss = torch.zeros((), dtype=torch.float64, device=wt.device)
     for b0 in range(0, columns, block_size):
         b1 = min(b0 + block_size, columns)
-        block = wt[b0:b1].clone()
-        block_original = None if original is None else original[b0:b1]
-        errors = torch.empty_like(block)
-        scaled_errors = torch.empty_like(block)  # (w − q)/U_cc, squared and summed for the loss
-        diag_u = upper[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            c = b0 + i
-            if c % group == 0:
-                scale, zero = fit_grid(wt[c:min(c + group, columns)], bits, sym)
-                scales.append(scale)
-                zeros.append(zero)
-            w = block[i]
-            code = quantize_codes(w, scale, zero, bits)
-            codes[c] = code.to(torch.uint8)
-            residual = w - dequantize(code, scale, zero)
-            d = diag_u[i, i]
-            scaled_errors[i] = residual / d
-            err = residual if original is None else residual - beta * (w - block_original[i])
-            err = err / d
-            w_before = w.clone() if gptaq is not None else None
-            block[i:].addr_(diag_u[i, i:], err, alpha=-1)
-            if gptaq is not None:
-                block[i + 1:].addr_(gptaq[c, c + 1:b1], w_before)
-            if original is not None and i + 1 < b1 - b0:
-                block[i + 1] -= beta * (block[i + 1] - block_original[i + 1])
-            errors[i] = err
+        errors, block, scaled_errors = step(wt, upper, b0, b1, codes, scales, zeros, bits=bits, group=group,
+                                            sym=sym, beta=beta, original=original, gptaq=gptaq)
         loss += scaled_errors.double().square().sum()
         if b1 < columns:
             wt[b1:].addmm_(upper[b0:b1, b1:].T, errors, alpha=-1)
             if gptaq is not None:
                 wt[b1:].addmm_(gptaq[b0:b1, b1:].T, block)
     g_idx = torch.arange(columns, device=wt.device, dtype=torch.int32) // group
-    return QuantResult(codes, torch.stack(scales).to(torch.float16), torch.stack(zeros).to(torch.int32), g_idx,
+    return QuantResult(codes, scales.to(torch.float16), zeros.to(torch.int32), g_idx,
                        bits, group_size, sym, False, loss.item(), 0.0)
+
+
+def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor, *, bits: int, group: int, sym: bool, beta: float = 0.0,
+               original: torch.Tensor | None = None,
+               gptaq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Columns b0:b1 of the FOEM/GPTQ/GPTAQ column loop on Wt [in, out]: the CPU path, and the oracle of the
+    fused Triton kernel `kernels.block_step.block_step` (same signature, same effects).
+
+    Every in-block update is rounded twice, product then difference (`block -= outer(u, err)`), never as a
+    fused multiply-add: `addr_` rounds once in the CPU's vector lanes and twice in its tails, so no other
+    device could reproduce it; with two roundings everywhere the kernel matches this bit for bit.
+
+    Reads `wt` (the global weights holding the lazy updates of earlier blocks; not modified), `upper` (U),
+    `original` (W₀, needed when beta > 0) and `gptaq` (P, or None). `group` is the effective group size
+    (`in` for per-row grids). Writes codes[b0:b1] (uint8 [in, out]) and scales[g], zeros[g] ([groups, out],
+    wt's dtype) for every group g that starts in the block; a group that started earlier is read from
+    scales/zeros. Returns (errors, block, scaled_errors), each [b1 − b0, out]: the Err of the lazy update,
+    the block after its in-block updates (the W_block of the GPTAQ lazy term) and (w − q)/U_cc, whose
+    squares sum to the layer loss.
+    """
+    if beta and original is None:
+        raise ValueError("beta > 0 needs the original weights")
+    columns = wt.shape[0]
+    block = wt[b0:b1].clone()
+    block_original = original[b0:b1] if beta else None
+    errors = torch.empty_like(block)
+    scaled_errors = torch.empty_like(block)
+    diag_u = upper[b0:b1, b0:b1]
+    scale, zero = scales[b0 // group], zeros[b0 // group]  # the grid in force, if its group began earlier
+    for i in range(b1 - b0):
+        c = b0 + i
+        if c % group == 0:
+            scale, zero = fit_grid(wt[c:min(c + group, columns)], bits, sym)
+            scales[c // group] = scale
+            zeros[c // group] = zero
+        w = block[i]
+        code = quantize_codes(w, scale, zero, bits)
+        codes[c] = code.to(torch.uint8)
+        residual = w - dequantize(code, scale, zero)
+        d = diag_u[i, i]
+        scaled_errors[i] = residual / d
+        err = residual if block_original is None else residual - beta * (w - block_original[i])
+        err = err / d
+        w_before = w.clone() if gptaq is not None else None
+        block[i:] -= torch.outer(diag_u[i, i:], err)
+        if gptaq is not None:
+            block[i + 1:] += torch.outer(gptaq[c, c + 1:b1], w_before)
+        if block_original is not None and i + 1 < b1 - b0:
+            block[i + 1] -= beta * (block[i + 1] - block_original[i + 1])
+        errors[i] = err
+    return errors, block, scaled_errors
+
+
+def _block_step_for(wt: torch.Tensor, block_size: int):
+    """The fused Triton block step on float32 CUDA tensors when triton imports, `block_step` otherwise."""
+    if wt.is_cuda and wt.dtype == torch.float32 and block_size <= 128:
+        from kernels import fused_available
+        if fused_available():
+            from kernels.block_step import block_step as fused
+            return fused
+    return block_step
 
 
 def _round_to_nearest(wt: torch.Tensor, bits: int, group_size: int, sym: bool,
