@@ -227,3 +227,20 @@ def test_bad_arguments_are_named():
         quantize_weight(w, torch.eye(16))
     with pytest.raises(ValueError, match="NaN"):
         quantize_weight(w * float("nan"), h)
+
+
+def test_accelerator_factorisation_path_agrees_with_lapack():
+    """The torch path (used on GPUs) against the LAPACK path (CPU), run here on the CPU."""
+    from leanfoem.hessian import _factor_lapack, _factor_torch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1500, 700, generator=g)
+    h = x.T @ x
+    damping = 0.01 * h.diagonal().mean().item()
+    u_lapack, cond_lapack = _factor_lapack(h.clone(), damping, overwrite=False)
+    target = h.clone()
+    u_torch, cond_torch = _factor_torch(target, damping, overwrite=True)
+    assert u_torch.data_ptr() == target.data_ptr()  # U written into H's storage
+    assert torch.allclose(u_torch, u_lapack, rtol=1e-5, atol=1e-7)
+    assert cond_torch == pytest.approx(cond_lapack, rel=1e-9)
+    hd = h.double() + damping * torch.eye(700, dtype=torch.float64)
+    assert torch.allclose(u_torch.double().T @ u_torch.double() @ hd, torch.eye(700, dtype=torch.float64), atol=1e-4)
