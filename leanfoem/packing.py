@@ -22,6 +22,9 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     n = values.shape[0]
     if n % 32:
         raise ValueError(f"cannot pack {n} values along a dimension that is not a multiple of 32")
+    chunk = 1024  # bounds the int64 temporaries to 1024 rows at a time
+    if n > chunk:
+        return torch.cat([pack_rows(values[i:i + chunk], bits) for i in range(0, n, chunk)])
     runs = values.to(torch.int64).reshape(n // 32, 32, *values.shape[1:])
     words = torch.zeros((n // 32, bits, *values.shape[1:]), dtype=torch.int64, device=values.device)
     for k in range(32):

@@ -52,11 +52,18 @@ class QuantResult:
 
     @property
     def dequantized(self) -> torch.Tensor:
-        """float32 [out, in]: exactly the weights the packed layer computes with."""
-        g = self.g_idx.long()
-        scale = self.scales.float()[g]
-        zero = self.zeros.float()[g]
-        return dequantize(self.codes.float(), scale, zero).T.contiguous()
+        """float32 [out, in]: exactly the weights the packed layer computes with.
+
+        Built in chunks of input columns: whole-matrix gathers of scales and zeros would cost four extra
+        [in, out] fp32 temporaries at the memory peak of a layer."""
+        columns, rows = self.codes.shape
+        out = torch.empty((rows, columns), dtype=torch.float32, device=self.codes.device)
+        for start in range(0, columns, 1024):
+            stop = min(start + 1024, columns)
+            g = self.g_idx[start:stop].long()
+            chunk = dequantize(self.codes[start:stop].float(), self.scales.float()[g], self.zeros.float()[g])
+            out[:, start:stop] = chunk.T
+        return out
 
     def pack(self, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
         """{"qweight", "qzeros", "scales", "g_idx"} in the GPTQ layout (DESIGN §5)."""
