@@ -34,6 +34,20 @@ class ActivationWriter:
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=_STORED_AS[dtype],
                                                shape=(int(self.offsets[-1]), hidden))
         self.next_row = 0
+        self._reserve_disk()
+
+    def _reserve_disk(self) -> None:
+        """A store into a memory-mapped page that the disk cannot back kills the process with SIGBUS; reserving
+        the whole file first turns a full disk into an ordinary ENOSPC here, before anything is lost."""
+        try:
+            fd = os.open(self.tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.abandon()
+            raise
 
     def write(self, row: torch.Tensor) -> None:
         """Append the next row, [length, hidden]."""

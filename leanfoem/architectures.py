@@ -21,6 +21,8 @@ class UnsupportedArchitecture(ValueError):
 @dataclass(frozen=True)
 class Architecture:
     layers: str = "model.layers"                      # where the decoder blocks live
+    final_norm: str = "model.norm"                    # applied after the last block (evaluation)
+    lm_head: str = "lm_head"                          # tied to the input embedding when absent
     subgroups: tuple[tuple[str, ...], ...] = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.o_proj",),

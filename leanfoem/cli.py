@@ -88,6 +88,27 @@ def run_quantize(args) -> int:
     return 0
 
 
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a checkpoint (full precision or GPTQ), one block at a time",
+                       description="Perplexity over consecutive non-overlapping windows of a text, streamed "
+                                   "block by block like quantization.")
+    p.add_argument("--model", required=True, help="model directory, 'demo', or a Hugging Face repo id")
+    p.add_argument("--text", default=None, help="a text file, or wikitext2 / c4 (online); default: the bundled text")
+    p.add_argument("--seqlen", type=_positive_int, default=2048)
+    p.add_argument("--windows", type=_positive_int, default=None, help="score only the first N windows")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args) -> int:
+    from .evaluation import default_eval_text, evaluate_perplexity, format_result, load_text
+    text = load_text(args.text or default_eval_text())
+    result = evaluate_perplexity(args.model, text, seqlen=args.seqlen, windows=args.windows, device=args.device)
+    print(format_result(result, args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leanfoem",
@@ -96,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_quantize_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -32,3 +32,15 @@ def shared_data():
     if not path.is_dir():
         pytest.skip(f"{path} is absent (the offline evaluation and calibration texts)")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_w4g64(smollm2_dir, shared_data, tmp_path_factory):
+    """SmolLM2-135M quantized by the CLI (FOEM, 4 bit, group 64; small calibration to keep CI fast)."""
+    from leanfoem.cli import main
+    out = tmp_path_factory.mktemp("smollm2") / "w4g64"
+    code = main(["quantize", "--model", str(smollm2_dir), "--out", str(out), "--calib",
+                 str(shared_data / "corpus" / "war_and_peace.txt"), "--nsamples", "8", "--seqlen", "256",
+                 "--group-size", "64", "--quiet"])
+    assert code == 0
+    return out

@@ -1,0 +1,136 @@
+"""End to end: real sharded checkpoints in, GPTQ checkpoints out, loaded back as working models."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from factory import build_checkpoint
+from gptq_decode import dense_state_dict
+from leanfoem.cli import main
+from leanfoem.models import demo_model_dir
+
+CALIB = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
+         "that lour'd upon our house in the deep bosom of the ocean buried. ") * 60
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+    """A real trained tokenizer shipped with leanfoem: the bundled demo model's."""
+    return demo_model_dir()
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CALIB)
+    return path
+
+
+def quantize_cli(model, out, calib, *extra):
+    code = main(["quantize", "--model", str(model), "--out", str(out), "--calib", str(calib), "--nsamples", "8",
+                 "--seqlen", "64", "--group-size", "64", "--quiet", *extra])
+    assert code == 0
+
+
+def index_of(model_dir):
+    return json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def assert_well_formed(out, source, bits, group_size):
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["bits"] == bits and q["group_size"] == group_size
+    assert json.loads((out / "quantize_config.json").read_text()) == q
+    assert not (out / ".leanfoem").exists()
+    weight_map = index_of(out)
+    for shard in set(weight_map.values()):
+        with safe_open(str(out / shard), "pt") as f:
+            assert {k for k, v in weight_map.items() if v == shard} == set(f.keys())
+    src = index_of(source)
+    linears = [n[: -len(".weight")] for n in src if ".layers." in n and n.endswith("_proj.weight")]
+    assert linears
+    for base in linears:
+        assert base + ".weight" not in weight_map
+        with safe_open(str(out / weight_map[base + ".qweight"]), "pt") as f:
+            qweight, qzeros = f.get_tensor(base + ".qweight"), f.get_tensor(base + ".qzeros")
+            scales, g_idx = f.get_tensor(base + ".scales"), f.get_tensor(base + ".g_idx")
+        with safe_open(str(source / src[base + ".weight"]), "pt") as f:
+            out_f, in_f = f.get_slice(base + ".weight").get_shape()
+        groups = -(-in_f // group_size)
+        assert qweight.dtype == torch.int32 and tuple(qweight.shape) == (in_f * bits // 32, out_f)
+        assert qzeros.dtype == torch.int32 and tuple(qzeros.shape) == (groups, out_f * bits // 32)
+        assert scales.dtype == torch.float16 and tuple(scales.shape) == (groups, out_f)
+        assert g_idx.dtype == torch.int32 and g_idx.tolist() == [i // group_size for i in range(in_f)]
+    others = {n for n in src if not n.endswith("_proj.weight")}
+    assert others <= set(weight_map)  # norms, embeddings, biases, lm_head copied
+
+
+def relative_weight_error(source, out):
+    dense = dense_state_dict(out)
+    errors = []
+    for name in index_of(source):
+        if name.endswith("_proj.weight"):
+            with safe_open(str(source / index_of(source)[name]), "pt") as f:
+                w = f.get_tensor(name).float()
+            errors.append(((dense[name] - w).norm() / w.norm()).item())
+    return max(errors)
+
+
+def load_dense(out):
+    config = AutoConfig.from_pretrained(out)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(dense_state_dict(out), strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing)
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("family,tie", [("llama", True), ("mistral", False), ("qwen2", True), ("qwen3", False)])
+def test_each_family_quantizes_to_a_loadable_gptq_checkpoint(tmp_path, calib_file, tokenizer_dir, family, tie):
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family=family, layers=2, tie=tie)
+    shards_of_block0 = {v for k, v in index_of(source).items() if k.startswith("model.layers.0.")}
+    assert len(shards_of_block0) > 1, "the test checkpoint must have a block that straddles shards"
+    out = tmp_path / "out"
+    quantize_cli(source, out, calib_file)
+    assert_well_formed(out, source, 4, 64)
+    assert relative_weight_error(source, out) < 0.2
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    quantized = load_dense(out)
+    ids = AutoTokenizer.from_pretrained(out)(CALIB[:300], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = original(ids).logits, quantized(ids).logits
+    cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    assert cosine > 0.95
+
+
+def test_untied_lm_head_and_qwen2_biases_are_copied(tmp_path, calib_file, tokenizer_dir):
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="qwen2", layers=1, tie=False)
+    out = tmp_path / "out"
+    quantize_cli(source, out, calib_file, "--bits", "8", "--asym", "--checkpoint-format", "gptq_v2")
+    weight_map = index_of(out)
+    assert "lm_head.weight" in weight_map
+    with safe_open(str(out / weight_map["model.layers.0.self_attn.q_proj.bias"]), "pt") as f:
+        bias = f.get_tensor("model.layers.0.self_attn.q_proj.bias")
+    with safe_open(str(source / index_of(source)["model.layers.0.self_attn.q_proj.bias"]), "pt") as f:
+        original = f.get_tensor("model.layers.0.self_attn.q_proj.bias")
+    assert bias.dtype == torch.float16 and torch.allclose(bias.float(), original.float(), atol=1e-3)
+    assert relative_weight_error(source, out) < 0.02  # 8 bits
+
+
+@pytest.mark.slow
+def test_real_smollm2_quantizes_and_still_answers(tmp_path, smollm2_dir, shared_data):
+    out = tmp_path / "smollm2-w4g64"
+    quantize_cli(smollm2_dir, out, shared_data / "corpus" / "war_and_peace.txt", "--seqlen", "256")
+    assert_well_formed(out, smollm2_dir, 4, 64)
+    assert relative_weight_error(smollm2_dir, out) < 0.2
+    model = load_dense(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert "Paris" in tokenizer.decode(generated[0, ids.shape[1]:])
