@@ -88,6 +88,7 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is built dense; blocks are dequantized as they load
     arch = architecture_for(config)
+    seqlen = min(seqlen, getattr(config, "max_position_embeddings", None) or seqlen)  # windows fit the context
     ids = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"], dtype=torch.long)
     available = ids.numel() // seqlen
     if available < 1:
