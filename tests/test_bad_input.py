@@ -193,4 +193,4 @@ def test_full_disk_then_the_same_command_resumes(model, tmp_path, calib, capsys)
             a, b = load_file(shard), load_file(out / shard.name)
             assert all(torch.equal(a[k], b[k]) for k in a)
     finally:
-        subprocess.run(["umount", str(mount)])
+        subprocess.run(["umount", "-l", str(mount)])  # lazy: a failed run may still map a file there
