@@ -137,9 +137,7 @@ def main() -> None:
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                         # the context it was trained at: leanfoem caps calibration and eval windows to it
-                         max_position_embeddings=args.seqlen,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     model = LlamaForCausalLM(config).to(args.device)
