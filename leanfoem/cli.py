@@ -109,6 +109,45 @@ def run_eval(args) -> int:
     return 0
 
 
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="memory and disk budget of a quantization run, from config.json alone",
+                       description="Forecast peak device memory, peak host memory and disk of `leanfoem quantize` "
+                                   "for this model and these settings, and the batch size it would use. "
+                                   "Reads config.json only (no weights).")
+    p.add_argument("--model", required=True, help="model directory, its config.json, 'demo', or a hub repo id")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="device budget, e.g. 24GiB (default: the card's)")
+    p.add_argument("--host-memory", default=None, metavar="SIZE", help="host budget, e.g. 32GiB (default: this "
+                                                                         "machine's RAM)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda when --gpu-memory is given)")
+    p.add_argument("--method", choices=["foem", "gptq", "gptaq", "rtn"], default="foem")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    p.add_argument("--group-size", type=_group_size, default=128)
+    p.add_argument("--alpha", type=_non_negative, default=0.0)
+    p.add_argument("--beta", type=_non_negative, default=0.2)
+    p.add_argument("--nsamples", type=_positive_int, default=128)
+    p.add_argument("--seqlen", type=_positive_int, default=2048)
+    p.add_argument("--batch-tokens", type=_positive_int, default=None,
+                   help="check this forward batch (default: choose the largest that fits)")
+    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (its size matters for small models)")
+    p.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args) -> int:
+    import json
+    import os
+    from .planner import budgets_for, format_plan, load_config, plan
+    kind, gpu, host = budgets_for(args.device, args.gpu_memory, args.host_memory)
+    calib_bytes = os.path.getsize(args.calib) if args.calib and os.path.isfile(args.calib) else None
+    result = plan(load_config(args.model), device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
+                  seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
+                  alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes)
+    print(format_plan(result, args.model))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leanfoem",
@@ -118,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_quantize_parser(sub)
     add_eval_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
