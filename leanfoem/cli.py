@@ -172,6 +172,11 @@ def _user_error_types() -> tuple[type, ...]:
             OutputError, ValueError)
 
 
+def _safetensors_error() -> type:
+    from safetensors import SafetensorError
+    return SafetensorError
+
+
 def _on_signal(signum, frame):
     from .pipeline import StopSignal
     StopSignal.requested = True
@@ -196,15 +201,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if exc.errno == errno.ENOSPC:
-            print(f"leanfoem: no space left on device ({exc.filename or 'output'}); free some space and run the "
+            where = exc.filename2 or exc.filename or "output"  # shutil.copyfile names its source first
+            print(f"leanfoem: no space left on device ({where}); free some space and run the "
                   "same command again to resume", file=sys.stderr)
         else:
             print(f"leanfoem: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILED
+    except _safetensors_error() as exc:  # its Rust writer reports I/O errors (full disk) as this, not as OSError
+        if args.debug:
+            raise
+        text = (str(exc).splitlines() or [""])[0]
+        if "os error 28" in text:
+            print("leanfoem: no space left on device (writing a shard); free some space and run the same "
+                  "command again to resume", file=sys.stderr)
+        else:
+            print(f"leanfoem: safetensors: {text}", file=sys.stderr)
+        return EXIT_FAILED
     except _user_error_types() as exc:
         if args.debug:
             raise
-        print(f"leanfoem: {exc}", file=sys.stderr)
+        print("leanfoem: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, whatever the message
         return EXIT_BAD_INPUT
 
 

@@ -64,8 +64,13 @@ class Journal:
         work_dir = Path(work_dir)
         path = work_dir / JOURNAL_NAME
         if path.is_file():
-            state = json.loads(path.read_text())
-            changes = describe_changes(state["fingerprint"], fingerprint)
+            try:
+                state = json.loads(path.read_text())
+                old = state["fingerprint"]
+            except (ValueError, KeyError, TypeError):
+                raise ResumeRefused(f"the resume journal {path} is unreadable; run with --restart to discard "
+                                    "the unfinished run, or choose another --out") from None
+            changes = describe_changes(old, fingerprint)
             if changes:
                 raise ResumeRefused("the output directory holds an unfinished run with other inputs ("
                                     + "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else "")

@@ -35,13 +35,13 @@ from transformers import AutoConfig, AutoTokenizer
 from . import __version__
 from .activations import ActivationReader, ActivationWriter, file_sha256
 from .architectures import architecture_for
-from .blocks import BlockRunner
+from .blocks import BlockRunner, check_finite
 from .calibration import load_calibration, rows_digest
 from .checkpoint_reader import CheckpointError, CheckpointReader
 from .checkpoint_writer import (copy_side_files, quantization_config, shard_name, shard_tensor_names,
                                 write_configs, write_index, write_shard)
 from .hessian import HessianAccumulator
-from .journal import WORK_DIR_NAME, Journal, fingerprint_digest
+from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
 from .solver import method_terms, prepare_hessian, quantize_prepared, quantize_weight
 
@@ -119,11 +119,11 @@ class QuantizeRun:
         self.out = Path(options.out).expanduser()
         _check_not_input(self.model_dir, self.out)
         self.reader = CheckpointReader(self.model_dir)
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.config = _load_input("config.json", self.model_dir, AutoConfig.from_pretrained)
         self.arch = architecture_for(self.config)
         self.device = resolve_device(options.device)
         self.dtype = compute_dtype(self.device, self.config)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        tokenizer = _load_input("tokenizer", self.model_dir, AutoTokenizer.from_pretrained)
         limit = getattr(self.config, "max_position_embeddings", None) or options.seqlen
         self.seqlen = min(options.seqlen, limit)
         self.calib_source = options.calib or default_calibration()
@@ -187,13 +187,12 @@ class QuantizeRun:
         if meta.get("fingerprint") != digest:
             raise OutputError(f"{self.out} already holds a finished checkpoint of another job; "
                               "choose another --out (nothing was changed)")
-        shutil.rmtree(self.work, ignore_errors=True)
+        if not self.options.keep_work:  # left over when a run was killed after writing config.json
+            shutil.rmtree(self.work, ignore_errors=True)
         self._say(f"{self.out} is already complete for these inputs and settings")
         return True
 
     def _prepare_output(self) -> None:
-        if self.options.restart:
-            shutil.rmtree(self.work, ignore_errors=True)
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"--out {self.out} exists and is not a directory")
         if self.out.is_dir() and not self.work.exists():
@@ -201,6 +200,8 @@ class QuantizeRun:
             if foreign:
                 raise OutputError(f"output directory {self.out} is not empty and holds no leanfoem run "
                                   f"(found {foreign[0]}); choose an empty or new directory")
+        if self.options.restart and self.work.is_dir():
+            self._discard_unfinished_run()
         try:
             self.work.mkdir(parents=True, exist_ok=True)
             probe = self.work / ".write-test"
@@ -208,6 +209,19 @@ class QuantizeRun:
             probe.unlink()
         except OSError as exc:
             raise OutputError(f"cannot write to output directory {self.out}: {exc.strerror or exc}") from None
+
+    def _discard_unfinished_run(self) -> None:
+        """--restart. The journal goes first (from then on nothing of the old run counts), then the work files and
+        the old run's shards; the work directory itself stays, so that an output interrupted here is still
+        recognised as a leanfoem run (removing it first made the next run refuse the directory as foreign)."""
+        (self.work / JOURNAL_NAME).unlink(missing_ok=True)
+        for path in self.work.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        for path in self.out.glob("model-*-of-*.safetensors*"):
+            path.unlink()
 
     def _write_first_inputs(self, runner: BlockRunner, journal: Journal) -> None:
         name = "acts-00000.npy"
@@ -334,6 +348,7 @@ class QuantizeRun:
         block_prefix = self.arch.layers + "."
         if journal.state["extra"] is None:
             outside = self.reader.tensors([n for n in self.reader.names() if not n.startswith(block_prefix)])
+            outside = {name: check_finite(name, tensor) for name, tensor in outside.items()}  # final norm, lm_head
             journal.record_extra({"shard": extra, "sha256": write_shard(self.out / extra, outside)})
             del outside
         weight_map = {}
@@ -376,6 +391,17 @@ def release_freed_memory() -> None:
 
 def quantize(options: QuantizeOptions) -> Path:
     return QuantizeRun(options).run()
+
+
+def _load_input(what: str, model_dir: Path, load):
+    """transformers' loaders fail with OSError or ValueError, some of several lines, none naming our input file:
+    say which input could not be read, in one line (a bad input, exit 2)."""
+    try:
+        return load(model_dir)
+    except (OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"cannot read the {what} of {model_dir}: "
+                              f"{detail[:300] or type(exc).__name__}") from None
 
 
 def _check_not_input(model_dir: Path, out: Path) -> None:
