@@ -212,8 +212,8 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
 
     `device`: "cpu" or "cuda" (a "cuda:N" works too). `gpu_memory`/`host_memory`: the budgets, bytes or
     strings like "24GiB" (None: not checked). `batch_tokens=None` lets the planner choose the largest power-of-two
-    batch (≤ 16384 tokens, ≥ one row) that fits; a given value is kept and checked. `calib_bytes`: size of the
-    calibration text file (its tokenization is a peak of small runs; default the bundled text).
+    batch that fits (≤ 16384 tokens on CUDA, ≤ 4096 on the CPU, ≥ one row); a given value is kept and
+    checked. `calib_bytes`: size of the calibration text file (its tokenization is a peak of small runs; default the bundled text).
     """
     del checkpoint_format  # same sizes in both formats
     shapes = config if isinstance(config, Shapes) else shapes_from_config(config)
@@ -227,12 +227,15 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
     if batch_tokens is not None:
         return _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method,
                           gptaq, beta, batch_tokens, calib_bytes)
-    candidates = [1 << k for k in range(14, 5, -1)]  # 16384 … 64
+    # On CUDA a larger batch feeds the card better (up to 16384 tokens); on the CPU it only costs memory.
+    largest = 1 << 14 if kind == "cuda" else DEFAULT_BATCH_TOKENS
     chosen = None
-    for tokens in candidates:
+    for tokens in [1 << k for k in range(14, 5, -1)]:
+        if tokens > largest:
+            continue
         chosen = _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method,
                             gptaq, beta, max(tokens, seqlen), calib_bytes)
-        if chosen.fits and tokens <= max(DEFAULT_BATCH_TOKENS * 4, seqlen):
+        if chosen.fits:
             return chosen
     return chosen  # the smallest batch: does not fit, and says why
 
