@@ -7,7 +7,8 @@ settings, forecasts the peaks of every phase of `pipeline.QuantizeRun` and picks
 
 The model follows what the pipeline does (pipeline.py, hessian.py, solver.py), phase by phase:
 - start: the tokenizer and the tokenized calibration text (the high-water mark of small models: the SmolLM2
-  tokenizer alone is ~190 MiB, tokenizing a 3 MB text ~450 MiB more, measured here);
+  tokenizer alone is ~190 MiB, tokenizing a 3 MB text ~450 MiB more, measured here); the encodings are handed
+  back afterwards (`release_freed_memory`), the tokenizer's own memory mostly is not, so it stays in every phase;
 - first inputs: `embed_tokens` read on the host (stored dtype, plus the shard pages while it is read);
 - each block: its stored tensors read on the host, the block on the device in the compute dtype (fp32 on
   the CPU, the checkpoint's half type on CUDA), one sub-group's Hessian H (fp32 n×n) at a time, then
@@ -42,6 +43,8 @@ MIB = 1 << 20
 
 # Measured on the CPU machine (tools/bench_planner.py): python + torch + transformers + leanfoem imported.
 RUNTIME_BASE = 270 * MIB
+# Appears with the first block: BLAS / oneDNN thread buffers, the modeling code and its caches (measured: 60-90 MiB).
+COMPUTE_RUNTIME = 80 * MIB
 # The host side of a CUDA process (driver, cudart, cuBLAS/cuDNN images): not measurable here; typical value.
 CUDA_HOST_OVERHEAD = 1 * GIB
 # CUDA context + cuBLAS workspaces + allocator slack on the card (outside torch's allocated bytes).
@@ -177,6 +180,8 @@ class Plan:
     fits: bool
     reasons: list[str] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
+    device_phases: dict[str, int] = field(default_factory=dict)   # forecast of every phase, for tracing
+    host_phases: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,7 +308,8 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
         "first inputs (embedding)": [("embed_tokens + its shard pages while read", 2 * embed),
                                      ("activation store being written", store)],
         "reading a block": [("block tensors as stored + shard pages while read", 2 * stored_block)],
-        "block work": [("block tensors as stored (norms, biases kept)", s.other_params * s.stored_bytes),
+        "block work": [("BLAS / oneDNN buffers, modeling code", COMPUTE_RUNTIME),
+                       ("block tensors as stored (norms, biases kept)", s.other_params * s.stored_bytes),
                        ("packed layers of the block so far", packed_block)],
         "writing the tensors outside the blocks": [("embedding / lm_head / norm + serialised copy", 2 * outside)],
     }
@@ -312,6 +318,9 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     else:
         host_phases["block work"] += [("a batch read from the store (rows + stacked copy)", 2 * batch_in),
                                       ("one output row copied back", seqlen * h * c)]
+    for phase, parts in host_phases.items():  # the tokenizer's memory is not handed back (measured: ~all of it)
+        if phase != "tokenizing the calibration text":
+            parts.insert(0, ("tokenizer memory kept by the allocator", tokenizer))
     for parts in host_phases.values():
         parts.insert(0, ("python, torch, transformers" + (", CUDA libraries" if kind == "cuda" else ""), base))
     host_totals = {phase: sum(b for _, b in parts) for phase, parts in host_phases.items()}
@@ -351,7 +360,9 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
                 rows_per_batch=rows, seqlen=seqlen, calibration_tokens=tokens,
                 hessian_chunk_tokens=min(HESSIAN_CHUNK_TOKENS, bt), hessian_width=n_max,
                 activation_store="ram" if in_ram else "file", store_bytes=int(store), stores=stores,
-                gpu_memory=gpu_budget, host_memory=host_budget, fits=not reasons, reasons=reasons, items=items)
+                gpu_memory=gpu_budget, host_memory=host_budget, fits=not reasons, reasons=reasons, items=items,
+                device_phases={k: int(v) for k, v in dev_totals.items()},
+                host_phases={k: int(v) for k, v in host_totals.items()})
 
 
 def _packed_bytes(s: Shapes, bits: int, group_size: int) -> int:
