@@ -101,7 +101,7 @@ def _peak_rss_of(cmd: list[str]) -> int:
 @pytest.mark.slow
 def test_host_forecast_matches_a_real_cpu_run(tmp_path):
     model = build_checkpoint(tmp_path / "m", DEMO_TOKENIZER, hidden=512, intermediate=1536, heads=8, kv_heads=4,
-                             layers=2, max_shard_size="2MB")
+                             layers=1, max_shard_size="2MB")
     settings = {"nsamples": 16, "seqlen": 128, "group_size": 128}
     cmd = [sys.executable, "-m", "leanfoem", "quantize", "--model", str(model), "--out", str(tmp_path / "out"),
            "--calib", str(DEMO_CALIB), "--nsamples", "16", "--seqlen", "128", "--group-size", "128", "--quiet"]
