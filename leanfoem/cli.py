@@ -71,7 +71,8 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq")
-    p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="tokens per forward batch")
+    p.add_argument("--batch-tokens", type=_positive_int, default=None,
+                   help="tokens per forward batch (default: the largest the planner finds to fit)")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
     p.add_argument("--keep-work", action="store_true", help="keep the work files (OUT/.leanfoem) at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")

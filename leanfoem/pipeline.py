@@ -43,6 +43,7 @@ from .checkpoint_writer import (copy_side_files, quantization_config, shard_name
 from .hessian import HessianAccumulator
 from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
+from .planner import budgets_for, check_fits, plan
 from .solver import method_terms, prepare_hessian, quantize_prepared, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class QuantizeOptions:
     seed: int = 0
     device: str = "auto"
     checkpoint_format: str = "gptq"
-    batch_tokens: int = 4096          # tokens per forward batch; part of the fingerprint
+    batch_tokens: int | None = None   # tokens per forward batch (None: the planner's choice); in the fingerprint
     restart: bool = False
     keep_work: bool = False
     quiet: bool = False
@@ -132,10 +133,23 @@ class QuantizeRun:
         self.lengths = [r.numel() for r in self.rows]
         del tokenizer
         release_freed_memory()  # tokenizing a long text leaves ~100 MB of freed encodings in the allocator
-        self.fingerprint = self._fingerprint()
-        self.work = self.out / WORK_DIR_NAME
         self.alpha, self.beta = method_terms(options.method, options.alpha, options.beta, hessian=True, cross=True)
         self.gptaq = self.alpha > 0
+        self.plan = self._plan()
+        check_fits(self.plan)  # refuse up front, with the numbers, rather than run out of memory at block 40
+        self.batch_tokens = self.plan.batch_tokens
+        self.fingerprint = self._fingerprint()
+        self.work = self.out / WORK_DIR_NAME
+
+    def _plan(self):
+        """The planner's budget for this machine (its card and RAM); it also picks the forward batch."""
+        o = self.options
+        kind, gpu, host = budgets_for(str(self.device), None, None)
+        calib = Path(self.calib_source)
+        return plan(self.config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=len(self.rows),
+                    seqlen=self.seqlen, bits=o.bits, group_size=o.group_size, method=o.method, alpha=self.alpha,
+                    beta=self.beta, batch_tokens=o.batch_tokens,
+                    calib_bytes=calib.stat().st_size if calib.is_file() else None)
 
     def _fingerprint(self) -> dict:
         shards = {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
@@ -143,7 +157,7 @@ class QuantizeRun:
         return {
             "model": {"shards": shards, "config_sha256": file_sha256(self.model_dir / "config.json")},
             "calibration": {"rows": len(self.rows), "tokens": sum(self.lengths), "sha256": rows_digest(self.rows)},
-            "settings": dict(self.options.settings(), seqlen=self.seqlen),
+            "settings": dict(self.options.settings(), seqlen=self.seqlen, batch_tokens=self.batch_tokens),
             "versions": {"leanfoem": __version__, "torch": torch.__version__.split("+")[0]},
             "compute": {"device": self.device.type, "dtype": str(self.dtype).removeprefix("torch.")},
         }
@@ -292,7 +306,7 @@ class QuantizeRun:
         while i < len(store):
             j = i + 1
             while (j < len(store) and self.lengths[j] == self.lengths[i]
-                   and (j - i + 1) * self.lengths[i] <= self.options.batch_tokens):
+                   and (j - i + 1) * self.lengths[i] <= self.batch_tokens):
                 j += 1
             if StopSignal.requested:
                 raise Interrupted

@@ -149,18 +149,21 @@ def kill_after_blocks(cmd, out: Path, blocks: int) -> None:
 
 
 def kill_moments(timeline: list[tuple[str, float]], kills: int, seed: int) -> list[tuple[int, float]]:
-    """`kills` seeded random moments spread over an uninterrupted run (one in each of `kills` equal slices of
-    5%..98% of it), each as (blocks that must be done in the attempt, seconds to wait after that). Block -1
-    means the start-up (imports, tokenizing, first activations): wait from the launch. Pinning moments to
-    progress rather than wall time keeps every kill inside the run however loaded the machine is."""
+    """`kills` seeded random moments of an uninterrupted run: the first during start-up (imports, tokenizing,
+    first activations), the others spread over the block loop (one in each equal slice of it). Each is
+    (blocks that must be done in the attempt, seconds to wait after that); block -1 means wait from the
+    launch. Start-up dominates a tiny model's run on an idle machine, so spreading over wall time alone
+    would put every kill before the first block. Pinning moments to progress rather than wall time keeps
+    every kill inside the run however loaded the machine is."""
     rng = random.Random(seed)
     total = timeline[-1][1]
     boundaries = [t for event, t in timeline if event in ("start", "block")]  # block j starts at boundaries[j]
-    moments = []
-    for k in range(kills):
-        at = total * (0.05 + 0.93 * (k + rng.random()) / kills)
+    loop_start = boundaries[0]
+    moments = [(-1, loop_start * (0.2 + 0.7 * rng.random()))]
+    for k in range(kills - 1):
+        at = loop_start + (total - loop_start) * (0.02 + 0.93 * (k + rng.random()) / (kills - 1))
         blocks = sum(1 for t in boundaries if t <= at) - 1
-        moments.append((blocks, at - (boundaries[blocks] if blocks >= 0 else 0.0)))
+        moments.append((blocks, at - boundaries[blocks]))
     return moments
 
 
