@@ -59,11 +59,16 @@ class ActivationWriter:
         self.array[self.offsets[i]:self.offsets[i + 1]] = block
         self.next_row += 1
 
-    def finish(self) -> str:
+    def finish(self, durable: bool = True) -> str | None:
+        """Completes the file; its sha256. `durable=False` is for files that live only inside one block (a kill
+        restarts the block, which writes them anew): no fsync, no digest."""
         if self.next_row != len(self.lengths):
             raise RuntimeError(f"activation file {self.path.name}: {self.next_row} of {len(self.lengths)} rows written")
         self.array.flush()
         del self.array
+        if not durable:
+            os.replace(self.tmp, self.path)
+            return None
         fsync_file(self.tmp)
         digest = file_sha256(self.tmp)
         os.replace(self.tmp, self.path)

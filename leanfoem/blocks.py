@@ -20,7 +20,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoModelForCausalLM
 
-from .architectures import Architecture
+from .architectures import Architecture, Branch
 from .checkpoint_reader import CheckpointError, CheckpointReader
 
 
@@ -132,8 +132,21 @@ class BlockRunner:
             out = block(hidden, **self.block_kwargs(hidden.shape[1]))
         return out[0] if isinstance(out, tuple) else out
 
-    def input_of(self, block: torch.nn.Module, module_name: str, hidden: torch.Tensor) -> torch.Tensor:
-        """The input that `module_name` inside the block receives; the forward stops right there."""
+    # -- one residual branch at a time (architectures.Branch) ----------------------------------------------
+    def branch_body(self, block: torch.nn.Module, branch: Branch, hidden: torch.Tensor) -> torch.Tensor:
+        """body(norm(h)), called as the decoder layer calls it."""
+        kwargs = self.block_kwargs(hidden.shape[1]) if branch.takes_block_kwargs else {}
+        with torch.no_grad():
+            normed = block.get_submodule(branch.norm)(hidden)
+            out = block.get_submodule(branch.body)(normed, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def branch_output(self, block: torch.nn.Module, branch: Branch, hidden: torch.Tensor) -> torch.Tensor:
+        """h + body(norm(h)): the hidden states after the branch."""
+        return hidden + self.branch_body(block, branch, hidden)
+
+    def input_of(self, block: torch.nn.Module, branch: Branch, module_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The input that `module_name` inside the branch's body receives; the forward stops right there."""
         seen = {}
 
         def grab(module, args):
@@ -142,7 +155,7 @@ class BlockRunner:
 
         handle = block.get_submodule(module_name).register_forward_pre_hook(grab)
         try:
-            self.forward(block, hidden)
+            self.branch_body(block, branch, hidden)
         except _StopForward:
             pass
         finally:

@@ -253,28 +253,32 @@ class QuantizeRun:
     def _quantize_block(self, runner: BlockRunner, journal: Journal, index: int, total_shards: int,
                         verify: bool) -> dict:
         started = time.time()
-        inputs = self._open_inputs(journal.state["inputs"], verify)
-        native_inputs = self._open_inputs(journal.state["native_inputs"], verify) if self.gptaq else None
         source = runner.source_tensors(index)
         block = runner.load(index, source)
-        native_block = copy.deepcopy(block) if self.gptaq else None
+        streams = [_Stream("acts", block, self._open_inputs(journal.state["inputs"], verify))]
+        if self.gptaq:  # the unquantized model's inputs of the same layers, for the cross term
+            streams.append(_Stream("native", copy.deepcopy(block),
+                                   self._open_inputs(journal.state["native_inputs"], verify)))
         prefix = self.arch.block_prefix(index)
         for name in self.arch.linear_names:  # their packed form replaces them; keep only what is copied as is
             source.pop(prefix + name + ".weight", None)
         packed, losses = {}, []
-        for group in self.arch.subgroups:
-            prepared = None
-            if self.options.method != "rtn":  # round-to-nearest needs no statistics
-                hessian, cross = self._hessian(runner, block, native_block, group[0], inputs, native_inputs)
-                prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
-                                           alpha=self.alpha, cross=cross, overwrite=True)
-                del hessian, cross
-            for name in group:  # the modules of a sub-group share one input, hence one factorisation
-                packed.update(self._quantize_linear(block, prefix, name, prepared, losses))
-            del prepared
-        outputs = self._propagate(runner, block, inputs, f"acts-{index + 1:05d}.npy")
-        native_outputs = (self._propagate(runner, native_block, native_inputs, f"native-{index + 1:05d}.npy")
-                          if self.gptaq else None)
+        for number, branch in enumerate(self.arch.branches):
+            for group in self.arch.subgroups_of(branch):
+                prepared = None
+                if self.options.method != "rtn":  # round-to-nearest needs no statistics
+                    keep = group == (branch.output,) and self._keeps_output_input(block, branch)
+                    hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
+                    prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
+                                               alpha=self.alpha, cross=cross, overwrite=True)
+                    del hessian, cross
+                for name in group:  # the modules of a sub-group share one input, hence one factorisation
+                    packed.update(self._quantize_linear(block, prefix, name, prepared, losses))
+                del prepared
+            last = number == len(self.arch.branches) - 1
+            for stream in streams:
+                self._advance(runner, stream, branch, f"{stream.kind}-{index + 1:05d}.npy" if last
+                              else f"{stream.kind}-branch{number}.npy", durable=last)
         tensors = {k: v for k, v in source.items() if k not in packed}
         tensors.update(packed)
         shard = shard_name(index + 1, total_shards)
@@ -283,16 +287,20 @@ class QuantizeRun:
                  "loss": sum(losses), "rss_gib": psutil.Process().memory_info().rss / 2**30}
         previous = [journal.state["inputs"]["file"]] + (
             [journal.state["native_inputs"]["file"]] if self.gptaq else [])
-        inputs.close()
-        if native_inputs is not None:
-            native_inputs.close()
-        journal.record_block(entry, outputs, native_outputs)
-        for name in set(previous) - {outputs["file"], (native_outputs or {}).get("file")}:
+        outputs = [stream.finished for stream in streams] + [None]
+        journal.record_block(entry, outputs[0], outputs[1])
+        for name in set(previous) - {o["file"] for o in outputs if o}:
             (self.work / name).unlink(missing_ok=True)
         runner.unload(index)
         release_freed_memory()
         self._emit(dict(entry, event="block"))
         return entry
+
+    def _keeps_output_input(self, block, branch) -> bool:
+        """Whether the pass over the branch's output linear keeps its inputs in a work file, so the branch output
+        is one matmul instead of a forward. Only when that file is no larger than an activation store (o_proj; a
+        down_proj's inputs are 3.5× wider, and recomputing them costs less than writing and reading them)."""
+        return block.get_submodule(branch.output).in_features <= self.config.hidden_size
 
     def _open_inputs(self, entry: dict, verify: bool) -> ActivationReader:
         path = self.work / entry["file"]
@@ -313,16 +321,26 @@ class QuantizeRun:
             yield i, torch.stack([store.row(k) for k in range(i, j)]).to(device=self.device, dtype=self.dtype)
             i = j
 
-    def _hessian(self, runner, block, native_block, module_name, inputs, native_inputs):
-        width = block.get_submodule(module_name).in_features
+    def _hessian(self, runner, streams, branch, module_name, keep: bool):
+        """H (and the GPTAQ cross term) of the module's inputs over all calibration rows; with `keep`, the inputs of
+        each stream are also written to a work file (`_Stream.kept`) for `_advance`."""
+        width = streams[0].block.get_submodule(module_name).in_features
         acc = HessianAccumulator(width, self.device, track_cross=self.gptaq)
-        native_batches = self._batches(native_inputs) if self.gptaq else None
-        for _, batch in self._batches(inputs):
-            x = runner.input_of(block, module_name, batch)
-            x_native = None
-            if native_batches is not None:
-                x_native = runner.input_of(native_block, module_name, next(native_batches)[1])
-            acc.add_batch(x, x_native)
+        writers = [self._writer(f"{s.kind}-kept.npy", width) for s in streams] if keep else []
+        try:
+            for batches in zip(*(self._batches(s.hidden) for s in streams)):
+                xs = [runner.input_of(s.block, branch, module_name, batch) for s, (_, batch) in zip(streams, batches)]
+                acc.add_batch(xs[0], xs[1] if self.gptaq else None)
+                for writer, x in zip(writers, xs):
+                    for row in x:
+                        writer.write(row)
+            for stream, writer in zip(streams, writers):
+                writer.finish(durable=False)
+                stream.kept = ActivationReader(writer.path, self.lengths, self.dtype)
+        except BaseException:
+            for writer in writers:
+                writer.abandon()
+            raise
         return acc.scaled()
 
     def _quantize_linear(self, block, prefix, name, prepared, losses) -> dict:
@@ -346,16 +364,40 @@ class QuantizeRun:
                                         if self.device.type == "cuda" else None)})
         return tensors
 
-    def _propagate(self, runner, block, inputs, name) -> dict:
-        writer = ActivationWriter(self.work / name, self.lengths, self.config.hidden_size, self.dtype)
+    def _advance(self, runner, stream: _Stream, branch, name: str, durable: bool) -> None:
+        """The stream's hidden states after the (quantized) branch: h + output(kept inputs) when the pass over the
+        output linear kept them, else h + body(norm(h)). The last branch's are the inputs of the next block, a
+        durable file the journal names (`stream.finished`); the others live only inside this block."""
+        writer = self._writer(name, self.config.hidden_size)
+        output = stream.block.get_submodule(branch.output)
         try:
-            for _, batch in self._batches(inputs):
-                for row in runner.forward(block, batch):
+            kept = self._batches(stream.kept) if stream.kept is not None else None
+            for _, batch in self._batches(stream.hidden):
+                if kept is not None:
+                    with torch.no_grad():
+                        after = batch + output(next(kept)[1])
+                else:
+                    after = runner.branch_output(stream.block, branch, batch)
+                for row in after:
                     writer.write(row)
-            return {"file": name, "sha256": writer.finish()}
+            digest = writer.finish(durable=durable)
         except BaseException:
             writer.abandon()
             raise
+        if stream.kept is not None:
+            stream.kept.close()
+            stream.kept.path.unlink()
+        stream.hidden.close()
+        if stream.hidden_is_temporary:  # a block boundary's file stays until the journal has moved past it
+            stream.hidden.path.unlink()
+        stream.kept, stream.hidden_is_temporary = None, not durable
+        stream.hidden = ActivationReader(writer.path, self.lengths, self.dtype)
+        if durable:
+            stream.hidden.close()
+            stream.finished = {"file": name, "sha256": digest}
+
+    def _writer(self, name: str, width: int) -> ActivationWriter:
+        return ActivationWriter(self.work / name, self.lengths, width, self.dtype)
 
     def _finish(self, journal: Journal, total_shards: int, digest: str) -> None:
         extra = shard_name(total_shards, total_shards)
@@ -393,6 +435,18 @@ class QuantizeRun:
     def _say(self, text: str) -> None:
         if not self.options.quiet:
             print(text)
+
+
+@dataclass
+class _Stream:
+    """One activation stream through the block being quantized: the quantized model's ("acts"), or, for the GPTAQ
+    term, the unquantized model's ("native", with an unquantized copy of the block)."""
+    kind: str
+    block: torch.nn.Module
+    hidden: ActivationReader                 # hidden states entering the current branch
+    kept: ActivationReader | None = None     # inputs of the branch's output linear, when kept
+    hidden_is_temporary: bool = False        # `hidden` is a file inside the block, not a block boundary
+    finished: dict | None = None             # the durable file of the block's outputs: {"file", "sha256"}
 
 
 def release_freed_memory() -> None:

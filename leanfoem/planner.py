@@ -17,8 +17,9 @@ The model follows what the pipeline does (pipeline.py, hessian.py, solver.py), p
   `batch_tokens` tokens (MLP intermediates dominate: ~3 × intermediate values per token);
 - GPTAQ doubles the Hessian (the cross term C), keeps a native copy of the block and a second store,
   and builds P = α·triu(C·Uᵀ)·U with ~5 n×n fp32 matrices alive;
-- the activation stores are memory-mapped .npy files in OUT/.leanfoem, two at a block boundary (the
-  inputs of block i and of block i+1; four with GPTAQ). Their pages count as resident while hot but the
+- the activation stores are memory-mapped .npy files in OUT/.leanfoem, at most three per stream alive at once
+  (the inputs of the block, the kept inputs of o_proj and the hidden states after the attention branch; then
+  those and the inputs of block i+1; twice that with GPTAQ). Their pages count as resident while hot but the
   kernel can drop them: the plan says "ram" when they fit next to the rest of the host budget (fast), and
   "file" when they must stream from disk (correct, slower; only a batch's pages are counted then);
 - the end: the tensors outside the blocks (embedding, lm_head if untied, final norm) read and written.
@@ -257,7 +258,7 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     block = s.block_params * c
     stored_block = s.block_params * s.stored_bytes
     store = tokens * h * c
-    stores = 4 if gptaq else 2
+    stores = 6 if gptaq else 3  # per stream: block inputs, kept o_proj inputs, after-attention states (pipeline._advance)
     items: list[Item] = []
 
     # -- the block work (device on CUDA, host on the CPU) --------------------------------------------------------

@@ -135,3 +135,28 @@ def test_real_smollm2_quantizes_and_still_answers(smollm2_dir, smollm2_w4g64):
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert "Paris" in tokenizer.decode(generated[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_branches_reproduce_the_decoder_layer_bit_for_bit(tmp_path, tokenizer_dir, family):
+    """The pipeline runs a block one residual branch at a time and forms o_proj's branch output from its kept
+    inputs; both must give exactly what the transformers decoder layer computes (architectures.Branch)."""
+    from leanfoem.architectures import architecture_for
+    from leanfoem.blocks import BlockRunner
+    from leanfoem.checkpoint_reader import CheckpointReader
+
+    model_dir = build_checkpoint(tmp_path / family, tokenizer_dir, family=family, layers=1, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = architecture_for(config)
+    runner = BlockRunner(config, CheckpointReader(model_dir), arch, torch.device("cpu"), torch.float32)
+    block = runner.load(0, runner.source_tensors(0))
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 48, config.hidden_size)
+    attention, mlp = arch.branches
+    after_attention = runner.branch_output(block, attention, hidden)
+    kept = runner.input_of(block, attention, attention.output, hidden)
+    with torch.no_grad():
+        assert torch.equal(hidden + block.get_submodule(attention.output)(kept), after_attention)
+    assert torch.equal(runner.branch_output(block, mlp, after_attention), runner.forward(block, hidden))
+    gate_input = runner.input_of(block, mlp, "mlp.gate_proj", after_attention)
+    assert torch.equal(gate_input, block.post_attention_layernorm(after_attention))

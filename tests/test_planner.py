@@ -31,7 +31,7 @@ def test_llama_70b_fits_a_24gib_card_and_32gib_host():
     # the down_proj factorisation is the device peak: H fp32 + two fp64 28672² buffers + the bf16 block
     assert p.device_peak_phase.startswith("factorisation") and p.hessian_width == 28672
     assert 16 * GIB < p.device_peak_bytes < 20 * GIB  # measured on an H100: 16.9 GiB allocated + the CUDA context
-    assert p.store_bytes == 128 * 2048 * 8192 * 2 and p.stores == 2
+    assert p.store_bytes == 128 * 2048 * 8192 * 2 and p.stores == 3
     assert 35 * GIB < p.disk_output_bytes < 40 * GIB  # 4-bit g128: ~0.53 bytes per linear weight + bf16 embeddings
     assert p.batch_tokens % 2048 == 0 and p.batch_tokens >= 2048
     check_fits(p)
@@ -50,7 +50,7 @@ def test_budget_too_small_is_refused_with_the_numbers():
 def test_gptaq_doubles_the_hessian_and_the_stores():
     foem = plan(LLAMA_33_70B, device="cuda", nsamples=128, seqlen=2048, batch_tokens=4096)
     gptaq = plan(LLAMA_33_70B, device="cuda", nsamples=128, seqlen=2048, batch_tokens=4096, method="foem", alpha=0.25)
-    assert gptaq.stores == 4 and gptaq.disk_work_bytes == 2 * foem.disk_work_bytes
+    assert gptaq.stores == 6 and gptaq.disk_work_bytes == 2 * foem.disk_work_bytes
     assert gptaq.device_peak_bytes - foem.device_peak_bytes >= 28672 ** 2 * 4 + 1.5 * GIB  # C + native block
 
 
