@@ -25,8 +25,18 @@ reused while the model, bits, group, calibration rows and settings are unchanged
 seqlen and windows. `--write-docs` writes the `docs/BENCHMARKS.md` sections of the models asked for from the
 cache (after running what is missing; `--docs-only` runs nothing).
 
+Run it on an otherwise idle machine: with one of the 2 cores busy elsewhere, leanfoem's 2 OpenMP threads lose
+4× (demo GPTQ: 13.5 s idle, 65-77 s beside one busy process, 19 s with OMP_NUM_THREADS=1), GPTQModel far less.
+
 Needs: this python with leanfoem importable (the repository is put first on PYTHONPATH for leanfoem's runs),
-and `--ref-python` with gptqmodel 7.7.0, bitsandbytes and transformers (see docs/BENCHMARKS.md).
+and `--ref-python` with gptqmodel 7.7.0, bitsandbytes and transformers next to the pinned CPU torch:
+    python3 -m venv /work/venv-ref && echo torch==2.13.0 > c.txt
+    /work/venv-ref/bin/pip install torch==2.13.0
+    /work/venv-ref/bin/pip install -c c.txt accelerate numpy safetensors filelock transformers threadpoolctl \
+        packaging device-smi protobuf pillow requests pypcre tokenicer logbar jinja2 ninja maturin datasets \
+        pyarrow dill torchao defuser optimum
+    /work/venv-ref/bin/pip install --no-deps gptqmodel==7.7.0
+    /work/venv-ref/bin/pip install -c c.txt bitsandbytes matplotlib scipy && /work/venv-ref/bin/pip install --no-deps -e .
 """
 
 from __future__ import annotations
@@ -274,7 +284,10 @@ class Bench:
                 self.warm_up_gptqmodel()
             shutil.rmtree(out, ignore_errors=True)
             cmd, env, cwd = self.quantize_cmd(model, run, bits, rows, out)
-            print(f"[{model.key} w{bits}] {run.name}: quantizing ...", flush=True)
+            load = os.getloadavg()[0]
+            print(f"[{model.key} w{bits}] {run.name}: quantizing ..."
+                  + (f" (load average {load:.2f}: other jobs share the cores, the time is not clean)" if load > 0.5
+                     else ""), flush=True)
             measured = run_measured(cmd, self.work / model.key / "logs" / f"w{bits}-{run.name}-quantize", env, cwd)
             result = {"settings": settings, "quantize": measured, "evals": {}, "bench": self.invocation,
                       "versions": self.versions(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -293,7 +306,7 @@ class Bench:
             cmd += ["--windows", str(self.args.eval_windows)]
         print(f"[{model.key}] {tag}: leanfoem eval ...", flush=True)
         measured = run_measured(cmd, self.work / model.key / "logs" / f"{tag}-eval", self.env_leanfoem, ROOT)
-        return dict(measured["json"], cmd=cmd, wall_seconds=measured["seconds"])
+        return dict(measured["json"], cmd=cmd, wall_seconds=measured["seconds"], bench=self.invocation)
 
     def transformers_eval(self, model: Model, checkpoint: Path, tag: str) -> dict:
         cmd = [self.ref, str(PEERS), "ppl", "--model", str(checkpoint), "--text", str(self.eval_text(model)),
@@ -303,7 +316,7 @@ class Bench:
         print(f"[{model.key}] {tag}: transformers perplexity ...", flush=True)
         measured = run_measured(cmd, self.work / model.key / "logs" / f"{tag}-transformers-eval", self.env_peer,
                                 self.scratch)
-        return dict(measured["json"], cmd=cmd, wall_seconds=measured["seconds"])
+        return dict(measured["json"], cmd=cmd, wall_seconds=measured["seconds"], bench=self.invocation)
 
     def do_fp(self, model: Model) -> None:
         path = self.result_path(model, FP, None)
@@ -339,19 +352,26 @@ class Bench:
         fp_ppl = fp.get("evals", {}).get(key, {}).get("perplexity")
         fp_tf = fp.get("transformers_evals", {}).get(key, {}).get("perplexity")
         tables, commands, benches, loads, versions = [], [], set(), [], None
-        eval_example = None
+        eval_example, windows_seen = None, set()
+        for e in (fp.get("evals", {}).get(key), fp.get("transformers_evals", {}).get(key)):
+            if e:
+                benches.add(e.get("bench"))
         for bits in bits_list:
             results = {}
             for name, run in RUNS.items():
                 r = self.load(self.result_path(model, name, bits)) if bits in run.bits else None
                 if r is not None:
                     results[name] = r
-                    benches.add(r.get("bench", "?"))
+                    benches.add(r.get("bench"))
                     loads.append(r["quantize"]["loadavg_before"][0])
                     versions = versions or r.get("versions")
                     commands.append(f"- w{bits} {name}: `{shown(r['quantize']['cmd'])}`")
-                    if eval_example is None and key in r["evals"]:
-                        eval_example = r["evals"][key].get("cmd")
+                    if key in r["evals"]:
+                        e = r["evals"][key]
+                        benches.add(e.get("bench"))
+                        windows_seen.add((e["windows"], e["seqlen"]))
+                        if eval_example is None and name.startswith("leanfoem"):
+                            eval_example = e.get("cmd")
             if not results:
                 continue
 
@@ -380,21 +400,23 @@ class Bench:
                           + "\n".join(lines) + ("\n\nleanfoem / peer:\n" + "\n".join(ratios) if ratios else ""))
         if not tables:
             return None
-        windows = self.args.eval_windows
         text = self.eval_text(model)
+        shape = " / ".join(f"{w} windows of {n} tokens" for w, n in sorted(windows_seen)) or "–"
         fp_note = (f"fp perplexity by `leanfoem eval` {fp_ppl:.4f}, by transformers in-process (tools/peers.py ppl, the "
                    f"same windows) {fp_tf:.4f} ({(fp_tf / fp_ppl - 1) * 100:+.3f}%)." if fp_ppl and fp_tf else
                    "fp perplexity: not measured yet (`--runs fp`).")
         peer_versions = ", ".join(f"{k} {v}" for k, v in (versions or {}).get("peer", {}).items())
+        benches.discard(None)
         return f"""Command: `{'`; `'.join(sorted(benches))}` ({machine_line()}; peers in the reference venv: {peer_versions or '?'};
 GPTQMODEL_CPU_WORKERS=2). Load average (1 min) before the runs: {min(loads):.2f}–{max(loads):.2f}.
 {model.title}; the same {model.nsamples} × {model.seqlen} calibration rows ({model.calib_name}) handed to both
 tools as token ids; damping 0.05 × mean diag(H); no act-order, GPTQModel's GAR off (its GPTQ default, which
-its FOEM path ignores); bitsandbytes NF4 needs no calibration (4 bit only; its linear layers, fp32 compute).
+its FOEM path ignores). bitsandbytes NF4 (4 bit only) needs no calibration: the decoder's linear layers in NF4,
+embeddings, norms and the tied head in fp32, fp32 compute.
 Each quantization in its own process, one at a time; wall time and peak RSS (ru_maxrss) are that process's;
 GPTQModel's one-time C++ kernel build is done in an untimed warm-up. Perplexity: `leanfoem eval` on each
-checkpoint (NF4: transformers in-process, same protocol), {text.name}, windows of {self.args.eval_seqlen} tokens
-(capped at the model's context), {f'the first {windows}' if windows else 'all'} consecutive windows.
+checkpoint (NF4: transformers in-process, same protocol), {shown([str(text)])}: the first {shape}
+(`--eval-seqlen {self.args.eval_seqlen}` capped at the model's context, `--eval-windows {self.args.eval_windows or 'all'}`).
 {fp_note} Example: `{shown(eval_example) if eval_example else '–'}`.
 
 {chr(10).join(t + chr(10) for t in tables)}
@@ -449,6 +471,9 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true", help="write the docs/BENCHMARKS.md sections")
     parser.add_argument("--docs-only", action="store_true", help="run nothing; write the sections from the cache")
     args = parser.parse_args()
+    for name in ("demo_eval_text", "data", "workdir"):  # children run elsewhere (GPTQModel in a scratch dir)
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     models = [MODELS[m] for m in parse_list(args.models, MODELS, "model")]
     bits_list = [int(b) for b in parse_list(args.bits, ("3", "4"), "bit width")]
     default_runs = [FP] + [n for n, r in RUNS.items() if r.default]
@@ -456,7 +481,11 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
     if not args.docs_only:
-        bench.run_all(models, bits_list, runs)
+        try:
+            bench.run_all(models, bits_list, runs)
+        except KeyboardInterrupt:
+            sys.exit(f"interrupted: finished runs are cached in {args.workdir}; the same command carries on "
+                     "(the interrupted run starts over)")
     bench.write_docs(models, bits_list)
 
 
