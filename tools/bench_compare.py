@@ -3,6 +3,14 @@
     python tools/bench_compare.py [--models smollm2,demo] [--bits 3,4] [--runs NAME,...]
                                   [--eval-windows N] [--eval-seqlen 2048] [--write-docs | --docs-only]
 
+The full benchmark, from the repository root with its own venv running leanfoem (about 2-3 h on the idle
+2-core machine: 15 quantizations and 17 evaluations a model; SmolLM2 gives 147 wikitext-2 windows of 2048
+tokens, several seconds each, hence `--eval-windows`):
+    .venv/bin/python tools/bench_compare.py --models demo --demo-eval-text leanfoem/demo/eval.txt --write-docs
+    .venv/bin/python tools/bench_compare.py --models smollm2 --eval-windows 40 --write-docs
+On wikitext-2 the demo model (trained on Shakespeare and Tolstoy) is out of its domain: its perplexity there is
+~1000 and a quantized copy can score below the fp one; its own held-out text (eval.txt) is the meaningful one.
+
 Same model, same calibration rows, same bits and group size for every calibrated run: leanfoem RTN, GPTQ,
 FOEM (β = 0.1, 0.2) and FOEM+GPTAQ (α = 0.25, β = 0.2) against GPTQModel 7.7.0 GPTQ and FOEM (β = 0.2), plus
 bitsandbytes NF4 (4 bit only, no calibration). Calibration: the rows are cut once by leanfoem's `.txt`
