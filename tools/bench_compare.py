@@ -206,7 +206,11 @@ class Bench:
                    "'transformers': transformers.__version__, 'torch': torch.__version__}))"
             out = subprocess.run([self.python, "-c", code], capture_output=True, text=True, check=True,
                                  env=self.env_leanfoem)
-            self._versions = {"peer": peer, "leanfoem": json.loads(out.stdout.strip().splitlines()[-1])}
+            ours = json.loads(out.stdout.strip().splitlines()[-1])
+            git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                                 text=True)
+            ours["commit"] = git.stdout.strip() or "?"  # recorded, not a cache key: rerun with a fresh --workdir
+            self._versions = {"peer": peer, "leanfoem": ours}
         return self._versions
 
     # ------------------------------------------------------------------ cache
@@ -359,7 +363,7 @@ class Bench:
         fp = self.load(self.result_path(model, FP, None)) or {}
         fp_ppl = fp.get("evals", {}).get(key, {}).get("perplexity")
         fp_tf = fp.get("transformers_evals", {}).get(key, {}).get("perplexity")
-        tables, commands, benches, loads, versions = [], [], set(), [], None
+        tables, commands, benches, loads, versions, commits = [], [], set(), [], None, set()
         eval_example, windows_seen = None, set()
         for e in (fp.get("evals", {}).get(key), fp.get("transformers_evals", {}).get(key)):
             if e:
@@ -373,6 +377,8 @@ class Bench:
                     benches.add(r.get("bench"))
                     loads.append(r["quantize"]["loadavg_before"][0])
                     versions = versions or r.get("versions")
+                    if RUNS[name].tool == "leanfoem":
+                        commits.add((r.get("versions") or {}).get("leanfoem", {}).get("commit", "?"))
                     commands.append(f"- w{bits} {name}: `{shown(r['quantize']['cmd'])}`")
                     if key in r["evals"]:
                         e = r["evals"][key]
@@ -416,7 +422,7 @@ class Bench:
         peer_versions = ", ".join(f"{k} {v}" for k, v in (versions or {}).get("peer", {}).items())
         benches.discard(None)
         return f"""Command: `{'`; `'.join(sorted(benches))}` ({machine_line()}; peers in the reference venv: {peer_versions or '?'};
-GPTQMODEL_CPU_WORKERS=2). Load average (1 min) before the runs: {min(loads):.2f}–{max(loads):.2f}.
+GPTQMODEL_CPU_WORKERS=2; leanfoem at {', '.join(sorted(commits)) or '–'}). Load average (1 min) before the runs: {min(loads):.2f}–{max(loads):.2f}.
 {model.title}; the same {model.nsamples} × {model.seqlen} calibration rows ({model.calib_name}) handed to both
 tools as token ids; damping 0.05 × mean diag(H); no act-order, GPTQModel's GAR off (its GPTQ default, which
 its FOEM path ignores). bitsandbytes NF4 (4 bit only) needs no calibration: the decoder's linear layers in NF4,
