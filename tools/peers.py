@@ -1,0 +1,134 @@
+"""The peer quantizers of tools/bench_compare.py, one per process, run with the reference python (GPTQModel,
+bitsandbytes): nothing here imports leanfoem, so a peer's wall time and peak RSS are its own.
+
+    REF/bin/python tools/peers.py gptqmodel --model DIR --rows rows.jsonl --out DIR --bits 4 --group-size 64 \\
+        --method foem --alpha 0 --beta 0.2 --damp 0.05 [--gar]
+    REF/bin/python tools/peers.py bnb-nf4 --model DIR --out DIR
+    REF/bin/python tools/peers.py ppl --model DIR --text wiki.test.raw --seqlen 2048 [--windows N] [--nf4]
+
+`gptqmodel`: the rows are token ids (one JSON object with "input_ids" a line), the very rows leanfoem gets.
+GPTQModel's own default for GPTQ is act_group_aware=True (GAR: columns reordered inside groups and groups
+reordered by diag(H)); its FOEM path ignores that flag. Plain column order is used unless --gar, so both tools
+run the same algorithm.
+
+`bnb-nf4`: bitsandbytes NF4 needs no calibration; "quantizing" is loading with BitsAndBytesConfig on the CPU
+(fp32 compute, non-linear weights and the tied head in fp32) and saving the result.
+
+`ppl`: perplexity in-process with transformers, by `leanfoem eval`'s protocol (leanfoem/evaluation.py): the
+whole text tokenized once with the model's tokenizer and its default special tokens, consecutive
+non-overlapping windows of seqlen tokens (capped at max_position_embeddings, the tail dropped), each window
+scored on its own, perplexity = exp(mean next-token NLL), fp32 logits. The last line of stdout is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+
+def gptqmodel_quantize(args) -> dict:
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import FOEMConfig
+    rows = [json.loads(line)["input_ids"] for line in open(args.rows) if line.strip()]
+    calib = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows]
+    kwargs = dict(bits=args.bits, group_size=args.group_size, sym=True, desc_act=False, damp_percent=args.damp,
+                  act_group_aware=args.gar)
+    if args.offload_dir:
+        kwargs["offload_to_disk_path"] = args.offload_dir
+    if args.method == "foem":
+        kwargs["foem"] = FOEMConfig(alpha=args.alpha, beta=args.beta, device="cpu")
+    model = GPTQModel.load(args.model, QuantizeConfig(**kwargs), device="cpu")
+    model.quantize(calib, batch_size=1)
+    model.save(args.out)
+    return {"rows": len(rows)}
+
+
+def nf4_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_nf4(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(), device_map="cpu",
+                                                dtype=torch.float32)
+
+
+def bnb_quantize(args) -> dict:
+    import bitsandbytes
+    from transformers import AutoTokenizer
+    model = load_nf4(args.model)
+    quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    model.save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+    return {"linear4bit_modules": quantized, "bitsandbytes": bitsandbytes.__version__}
+
+
+def perplexity(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    started = time.time()
+    if args.nf4:
+        model = load_nf4(args.model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="cpu")
+    model.eval()
+    text = open(args.text, encoding="utf-8").read()
+    ids = torch.tensor(AutoTokenizer.from_pretrained(args.model)(text)["input_ids"], dtype=torch.long)
+    seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", None) or args.seqlen)
+    count = ids.numel() // seqlen
+    if args.windows is not None:
+        count = min(count, args.windows)
+    if count < 1:
+        raise SystemExit(f"evaluation text too short: {ids.numel()} tokens, one window needs {seqlen}")
+    total = 0.0
+    with torch.no_grad():
+        for k in range(count):
+            window = ids[k * seqlen:(k + 1) * seqlen]
+            logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()
+            total += F.cross_entropy(logits, window[1:], reduction="sum").double().item()
+    tokens = count * (seqlen - 1)
+    linear4bit = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    return {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens, "windows": count,
+            "seqlen": seqlen, "seconds": round(time.time() - started, 3), "model": args.model,
+            "nf4": args.nf4, "linear4bit_modules": linear4bit}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gptqmodel")
+    g.add_argument("--model", required=True)
+    g.add_argument("--rows", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--bits", type=int, required=True)
+    g.add_argument("--group-size", type=int, required=True)
+    g.add_argument("--method", choices=["gptq", "foem"], required=True)
+    g.add_argument("--alpha", type=float, default=0.0)
+    g.add_argument("--beta", type=float, default=0.2)
+    g.add_argument("--damp", type=float, default=0.05)
+    g.add_argument("--gar", action="store_true", help="act_group_aware (GPTQModel's GPTQ default)")
+    g.add_argument("--offload-dir", default=None, help="GPTQModel's offload_to_disk_path (default: a temp dir)")
+    g.set_defaults(handler=gptqmodel_quantize)
+    b = sub.add_parser("bnb-nf4")
+    b.add_argument("--model", required=True)
+    b.add_argument("--out", required=True)
+    b.set_defaults(handler=bnb_quantize)
+    p = sub.add_parser("ppl")
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None)
+    p.add_argument("--nf4", action="store_true", help="load with bitsandbytes NF4 (BitsAndBytesConfig) first")
+    p.set_defaults(handler=perplexity)
+    args = parser.parse_args()
+    print(json.dumps(args.handler(args)))
+
+
+if __name__ == "__main__":
+    main()
