@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg.blas
 import scipy.linalg.lapack
 import torch
 
@@ -53,7 +54,7 @@ class HessianAccumulator:
         dtype, device = self.sum_xx.dtype, self.sum_xx.device
         for start in range(0, x.shape[0], self.chunk_tokens):
             chunk = x[start:start + self.chunk_tokens].to(device=device, dtype=dtype)
-            self.sum_xx.addmm_(chunk.T, chunk)
+            _add_gram(self.sum_xx, chunk)
             if self.sum_dx is not None:
                 native = x_native[start:start + self.chunk_tokens].to(device=device, dtype=dtype)
                 self.sum_dx.addmm_((native - chunk).T, chunk)
@@ -66,8 +67,39 @@ class HessianAccumulator:
         factor = 2.0 / self.tokens
         cross = None if self.sum_dx is None else self.sum_dx.mul_(factor)
         hessian = self.sum_xx.mul_(factor)
+        if _gram_by_syrk(hessian):
+            _mirror_lower(hessian)
         self.sum_xx = self.sum_dx = None
         return hessian, cross
+
+
+def _gram_by_syrk(total: torch.Tensor) -> bool:
+    return total.device.type == "cpu" and total.dtype in (torch.float32, torch.float64)
+
+
+def _add_gram(total: torch.Tensor, chunk: torch.Tensor) -> None:
+    """total += chunkᵀ·chunk. On the CPU by BLAS syrk into the lower triangle only: half gemm's flops, and the
+    Hessian accumulation is a fifth of a CPU run's time (SmolLM2-135M: 17.6 of 86 s with gemm)."""
+    if not _gram_by_syrk(total):
+        total.addmm_(chunk.T, chunk)
+        return
+    syrk = scipy.linalg.blas.dsyrk if total.dtype == torch.float64 else scipy.linalg.blas.ssyrk
+    # Row-major [n, n] is column-major transposed: syrk's "upper" of total.T is total's lower triangle, and
+    # chunk.T is a column-major [n, T] view, so syrk's A·Aᵀ is chunkᵀ·chunk, all without copies.
+    out = total.numpy().T
+    result = syrk(1.0, chunk.contiguous().numpy().T, beta=1.0, c=out, trans=0, lower=0, overwrite_c=1)
+    if not np.shares_memory(result, out):
+        out[...] = result
+
+
+def _mirror_lower(h: torch.Tensor, rows: int = 1024) -> None:
+    """Copies the lower triangle onto the upper, in row blocks (no n×n temporary)."""
+    n = h.shape[0]
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        diagonal = h[i0:i1, i0:i1]
+        diagonal.copy_(torch.tril(diagonal) + torch.tril(diagonal, -1).T)
+        h[i0:i1, i1:] = h[i1:, i0:i1].T
 
 
 @dataclass

@@ -36,7 +36,7 @@ from . import __version__
 from .activations import ActivationReader, ActivationWriter, file_sha256
 from .architectures import architecture_for
 from .blocks import BlockRunner, check_finite
-from .calibration import load_calibration, rows_digest
+from .calibration import CalibrationError, load_calibration, rows_digest
 from .checkpoint_reader import CheckpointError, CheckpointReader
 from .checkpoint_writer import (copy_side_files, quantization_config, shard_name, shard_tensor_names,
                                 write_configs, write_index, write_shard)
@@ -124,12 +124,13 @@ class QuantizeRun:
         self.arch = architecture_for(self.config)
         self.device = resolve_device(options.device)
         self.dtype = compute_dtype(self.device, self.config)
-        tokenizer = _load_input("tokenizer", self.model_dir, AutoTokenizer.from_pretrained)
         limit = getattr(self.config, "max_position_embeddings", None) or options.seqlen
         self.seqlen = min(options.seqlen, limit)
         self.calib_source = options.calib or default_calibration()
+        tokenizer = _LazyTokenizer(lambda: _load_input("tokenizer", self.model_dir, AutoTokenizer.from_pretrained))
         self.rows = load_calibration(self.calib_source, tokenizer, nsamples=options.nsamples,
                                      seqlen=self.seqlen, seed=options.seed)
+        check_token_ids(self.rows, self.config.vocab_size)
         self.lengths = [r.numel() for r in self.rows]
         del tokenizer
         release_freed_memory()  # tokenizing a long text leaves ~100 MB of freed encodings in the allocator
@@ -447,6 +448,28 @@ class _Stream:
     kept: ActivationReader | None = None     # inputs of the branch's output linear, when kept
     hidden_is_temporary: bool = False        # `hidden` is a file inside the block, not a block boundary
     finished: dict | None = None             # the durable file of the block's outputs: {"file", "sha256"}
+
+
+class _LazyTokenizer:
+    """Loaded on the first call: calibration given as token ids (.jsonl "input_ids") needs no tokenizer, and
+    SmolLM2's holds ~190 MB that the allocator never hands back (the whole run's peak RSS on small models)."""
+
+    def __init__(self, load):
+        self._load, self._tokenizer = load, None
+
+    def __call__(self, *args, **kwargs):
+        if self._tokenizer is None:
+            self._tokenizer = self._load()
+        return self._tokenizer(*args, **kwargs)
+
+
+def check_token_ids(rows: list[torch.Tensor], vocab_size: int) -> None:
+    """Token ids handed in as calibration rows must index the embedding (else an IndexError deep in a block)."""
+    for number, row in enumerate(rows):
+        if row.numel() and (row.min() < 0 or row.max() >= vocab_size):
+            bad = row[(row < 0) | (row >= vocab_size)][0].item()
+            raise CalibrationError(f"calibration row {number + 1} holds token id {bad}, outside the model's "
+                                   f"vocabulary of {vocab_size}")
 
 
 def release_freed_memory() -> None:

@@ -289,6 +289,14 @@ def test_bad_calibration_jsonl(model, tmp_path, capsys):
     fails(capsys, quantize_args(model, tmp_path / "out", path), "line 2: expected a JSON object", untouched=[model])
 
 
+def test_calibration_token_ids_outside_the_vocabulary(model, tmp_path, capsys):
+    path = tmp_path / "ids.jsonl"
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    path.write_text(json.dumps({"input_ids": [1, 2, 3] * 20}) + "\n" + json.dumps({"input_ids": [5, vocab, 7] * 20}))
+    fails(capsys, quantize_args(model, tmp_path / "out", path),
+          f"calibration row 2 holds token id {vocab}, outside the model's vocabulary of {vocab}", untouched=[model])
+
+
 # -- options ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("option", [["--bits", "5"], ["--group-size", "0"], ["--damp", "2"], ["--nsamples", "0"],
                                     ["--seqlen", "0"], ["--method", "awq"], ["--beta", "-1"], ["--bits", "four"]],
