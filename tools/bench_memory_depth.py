@@ -51,7 +51,8 @@ def measure(model: Path, out: Path, calib: Path) -> dict:
     # Through tools/rss_probe.py, a process without torch: a child inherits its parent's RSS high-water mark at exec,
     # and this process has imported torch and may just have built the model (see rss_probe.py).
     probe = [sys.executable, str(ROOT / "tools" / "rss_probe.py"), "--interval", "1", "--"]
-    result = json.loads(subprocess.run(probe + cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
+    lines = subprocess.run(probe + cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+    result = json.loads(lines[-1])
     return {"seconds": result["seconds"], "peak_rss_bytes": result["peak_rss_bytes"], "command": " ".join(cmd[1:])}
 
 
