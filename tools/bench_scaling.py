@@ -195,6 +195,7 @@ def plot_depth(runs: list[dict], fit: dict, path: Path) -> None:
 def plot_width(runs: list[dict], fit: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
     hidden = [r["hidden"] for r in runs]
     x = np.linspace(min(hidden) * 0.9, max(hidden) * 1.1, 50)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -206,6 +207,8 @@ def plot_width(runs: list[dict], fit: dict, path: Path) -> None:
     left.set(xlabel="hidden size", ylabel="seconds", title=f"time per block ({_layers(runs[0]['layers'])})")
     left.set_xticks(hidden, [str(h) for h in hidden])
     left.minorticks_off()
+    left.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    left.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     left.legend(fontsize=8)
     right.plot(hidden, [r["peak_rss_bytes"] / GIB for r in runs], "o", label="peak RSS (measured)")
     right.plot(hidden, [r["forecast"]["host_peak_bytes"] / GIB for r in runs], "x", label="forecast (leanfoem plan)")
@@ -223,9 +226,10 @@ def plot_width(runs: list[dict], fit: dict, path: Path) -> None:
 
 def plot_trace(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
-    t0 = r["samples"][0][0]
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    ax.plot([t - t0 for t, _ in r["samples"]], [rss / GIB for _, rss in r["samples"]], lw=1, label="RSS (every 0.1 s)")
+    samples = [(t, rss) for t, rss in r["samples"] if rss]  # 0: a zombie (exited, not yet reaped)
+    t0 = samples[0][0]
+    fig, ax = plt.subplots(figsize=(10.5, 3.4))
+    ax.plot([t - t0 for t, _ in samples], [rss / GIB for _, rss in samples], lw=1, label="RSS (every 0.1 s)")
     ax.axvline(r["loop_start"] - t0, color="gray", ls=":", lw=1, label="block loop starts")
     begin = r["loop_start"]
     for n, b in enumerate(r["blocks"]):
@@ -241,7 +245,7 @@ def plot_trace(r: dict, path: Path) -> None:
     ax.set(xlabel="seconds since start", ylabel="GiB", ylim=(0, top * 1.12), xlim=(0, None),
            title=f"resident memory of one run: hidden {r['hidden']}, {r['layers']} layers "
                  f"(model {r['model_bytes'] / MIB:.0f} MiB)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the trace
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -46,10 +46,12 @@ def main() -> int:
         if pid:
             break
         try:
-            samples.append([round(time.time(), 3), process.memory_info().rss])
+            rss = process.memory_info().rss
         except psutil.Error:  # exited between wait4 and the sample; the next wait4 reaps it
-            pass
-        time.sleep(max(0.0, args.interval - (time.time() - samples[-1][0] if samples else 0.0)))
+            rss = 0
+        if rss:  # 0: a zombie, exited and not yet reaped
+            samples.append([round(time.time(), 3), rss])
+        time.sleep(max(0.0, args.interval - (time.time() - samples[-1][0]) if samples else args.interval))
     seconds = time.time() - started
     child.returncode = os.waitstatus_to_exitcode(status)  # so Popen's destructor does not wait again
     if args.samples:
