@@ -353,7 +353,7 @@ def main() -> None:
     for hidden, layers in cases:
         r, stored = run_one(hidden, layers, args.workdir, args.tokenizer, args.calib, args.fresh)
         results[hidden, layers] = r
-        print(f"hidden {hidden:5d}, {layers:2d} layers: wall {r['seconds']:7.1f} s, {block_seconds(r):6.1f} s/block, "
+        print(f"hidden {hidden:5d}, {_layers(layers):>9}: wall {r['seconds']:7.1f} s, {block_seconds(r):6.1f} s/block, "
               f"peak RSS {r['peak_rss_bytes'] / MIB:6.0f} MiB (forecast {r['forecast']['host_peak_bytes'] / MIB:.0f}, "
               f"sampled {r['sampled_peak_bytes'] / MIB:.0f}), load before {r['load_before']:.2f}"
               + (" [stored]" if stored else ""), flush=True)
