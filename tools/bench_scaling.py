@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: hidden 256 (1, 2 layers) and 512 (1 layer)")
     parser.add_argument("--fresh", action="store_true", help="measure again runs stored in WORKDIR/results")
     parser.add_argument("--write-docs", action="store_true",
-                        help="copy the plots to DOCS and write the section of DOCS/BENCHMARKS.md")
+                        help="copy the plots to docs/ and write the section of docs/BENCHMARKS.md")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help=argparse.SUPPRESS)  # to test --write-docs
     args = parser.parse_args()
     if args.quick:
