@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,20 +23,23 @@ sys.path.insert(0, str(ROOT / "tools"))
 from benchdoc import machine_line, replace_section  # noqa: E402
 
 
-def build(out: Path, layers: int, tokenizer_dir: Path) -> Path:
+def build_llama(out: Path, tokenizer_dir: Path, *, layers: int, hidden: int = 2048, intermediate: int = 5632,
+                heads: int = 16, kv_heads: int = 4, max_shard_size: str = "400MB") -> Path:
+    """A Llama-shaped checkpoint with random bf16 weights (N(0, 0.02)) and the tokenizer of `tokenizer_dir`; kept
+    (not rebuilt) when `out` already holds one, so name `out` after the shape. Also used by tools/bench_scaling.py."""
     if (out / "config.json").exists():
         return out
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
-    model.save_pretrained(out, max_shard_size="400MB")
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     return out
 
@@ -48,13 +48,12 @@ def measure(model: Path, out: Path, calib: Path) -> dict:
     cmd = [sys.executable, "-m", "leanfoem", "quantize", "--model", str(model), "--out", str(out), "--calib",
            str(calib), "--nsamples", "8", "--seqlen", "256", "--group-size", "128", "--quiet", "--restart"]
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    started = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(cmd, check=True)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib <= before:
-        raise RuntimeError("ru_maxrss of children did not grow; run each size in a fresh process")
-    return {"seconds": time.time() - started, "peak_rss_bytes": peak_kib * 1024, "command": " ".join(cmd[1:])}
+    # Through tools/rss_probe.py, a process without torch: a child inherits its parent's RSS high-water mark at exec,
+    # and this process has imported torch and may just have built the model (see rss_probe.py).
+    probe = [sys.executable, str(ROOT / "tools" / "rss_probe.py"), "--interval", "1", "--"]
+    lines = subprocess.run(probe + cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+    result = json.loads(lines[-1])
+    return {"seconds": result["seconds"], "peak_rss_bytes": result["peak_rss_bytes"], "command": " ".join(cmd[1:])}
 
 
 def main() -> None:
@@ -67,7 +66,7 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     if args.one:
-        model = build(args.workdir / f"llama-{args.one}L", args.one, args.tokenizer)
+        model = build_llama(args.workdir / f"llama-{args.one}L", args.tokenizer, layers=args.one)
         print(json.dumps(measure(model, args.workdir / f"out-{args.one}L", args.calib)))
         return
     results = {}
