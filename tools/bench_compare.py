@@ -131,26 +131,28 @@ FP = "fp"  # the unquantized model: `leanfoem eval` and the in-process transform
 # ---------------------------------------------------------------------------------------------- processes
 
 def run_measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
-    """cmd in its own process, stdout to log.out and stderr to log.err; wall seconds and the child's peak RSS
-    (ru_maxrss from wait4: the child and the descendants it waited for). RuntimeError when it fails."""
+    """cmd in its own process, stdout to log.out and stderr to log.err; wall seconds and the child's peak RSS,
+    measured by tools/rss_probe.py (a process without torch: a child of this one would inherit this process's
+    RSS high-water mark in its ru_maxrss). RuntimeError when it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
     before = os.getloadavg()
+    report = Path(f"{log}.probe.json")
+    report.unlink(missing_ok=True)
+    probe = [sys.executable, str(ROOT / "tools" / "rss_probe.py"), "--report", str(report), "--", *cmd]
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        started = time.time()
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
+        child = subprocess.Popen(probe, stdout=out, stderr=err, env=env, cwd=cwd)
         try:
-            _, status, usage = os.wait4(child.pid, 0)
+            child.wait()
         except BaseException:
             child.kill()
             child.wait()
             raise
-        seconds = time.time() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
+    measured = json.loads(report.read_text()) if report.is_file() else {"returncode": child.returncode}
+    if child.returncode != 0 or measured["returncode"] != 0:
         tail = Path(f"{log}.err").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"exit {child.returncode}: {shlex.join(cmd)}\n(log: {log}.err)\n{tail}")
+        raise RuntimeError(f"exit {measured['returncode']}: {shlex.join(cmd)}\n(log: {log}.err)\n{tail}")
     lines = [line for line in Path(f"{log}.out").read_text(errors="replace").splitlines() if line.startswith("{")]
-    return {"seconds": round(seconds, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "cmd": cmd,
+    return {"seconds": round(measured["seconds"], 2), "peak_rss_bytes": measured["peak_rss_bytes"], "cmd": cmd,
             "loadavg_before": [round(x, 2) for x in before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "json": json.loads(lines[-1]) if lines else None}
 

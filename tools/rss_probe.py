@@ -31,6 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between RSS samples")
     parser.add_argument("--samples", default=None, help="write the RSS samples to this JSON file")
+    parser.add_argument("--report", default=None, help="write the JSON result to this file instead of stdout")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -57,10 +58,15 @@ def main() -> int:
     if args.samples:
         with open(args.samples, "w") as f:
             json.dump(samples, f)
-    print(json.dumps({"returncode": child.returncode, "seconds": round(seconds, 3),
-                      "peak_rss_bytes": usage.ru_maxrss * 1024,
-                      "sampled_peak_bytes": max((rss for _, rss in samples), default=0),
-                      "samples": len(samples)}))
+    report = json.dumps({"returncode": child.returncode, "seconds": round(seconds, 3),
+                         "peak_rss_bytes": usage.ru_maxrss * 1024,
+                         "sampled_peak_bytes": max((rss for _, rss in samples), default=0),
+                         "samples": len(samples)})
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(report + "\n")
+    else:
+        print(report)
     return child.returncode
 
 
