@@ -65,7 +65,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))  # this checkout's leanfoem (calibration rows), whatever is installed
-from bench_smollm2 import calibration_rows  # noqa: E402
 from benchdoc import machine_line, replace_section  # noqa: E402
 from smollm2 import ensure_smollm2  # noqa: E402
 
@@ -126,6 +125,15 @@ RUNS = {r.name: r for r in [
     Run("gptqmodel-gptq-gar", "gptqmodel", "GPTQModel GPTQ (GAR)", "gptq", gar=True, default=False),
 ]}
 FP = "fp"  # the unquantized model: `leanfoem eval` and the in-process transformers perplexity
+
+
+def calibration_rows(model_dir: Path, text: Path, path: Path, nsamples: int, seqlen: int) -> Path:
+    """The rows leanfoem's `.txt` windowing cuts from `text`, as token ids in a .jsonl both tools read."""
+    from transformers import AutoTokenizer
+    from leanfoem.calibration import load_calibration
+    rows = load_calibration(str(text), AutoTokenizer.from_pretrained(model_dir), nsamples=nsamples, seqlen=seqlen)
+    path.write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in rows))
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- processes
