@@ -273,8 +273,7 @@ class QuantizeRun:
                     prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
                                                alpha=self.alpha, cross=cross, overwrite=True)
                     del hessian, cross
-                for name in group:  # the modules of a sub-group share one input, hence one factorisation
-                    packed.update(self._quantize_linear(block, prefix, name, prepared, losses))
+                packed.update(self._quantize_group(block, prefix, group, prepared, losses))
                 del prepared
             last = number == len(self.arch.branches) - 1
             for stream in streams:
@@ -299,9 +298,11 @@ class QuantizeRun:
 
     def _keeps_output_input(self, block, branch) -> bool:
         """Whether the pass over the branch's output linear keeps its inputs in a work file, so the branch output
-        is one matmul instead of a forward. Only when that file is no larger than an activation store (o_proj; a
-        down_proj's inputs are 3.5× wider, and recomputing them costs less than writing and reading them)."""
-        return block.get_submodule(branch.output).in_features <= self.config.hidden_size
+        is one matmul instead of a forward. Always when that file is no larger than an activation store (o_proj);
+        a down_proj's inputs (3.5× wider) when the planner says so: on the CPU, where the file stays in RAM and
+        the gate/up forward it saves is the dearer side (SmolLM2-135M: ~15% of the run); not on CUDA."""
+        return (block.get_submodule(branch.output).in_features <= self.config.hidden_size
+                or self.plan.keeps_mlp_inputs)
 
     def _open_inputs(self, entry: dict, verify: bool) -> ActivationReader:
         path = self.work / entry["file"]
@@ -344,25 +345,33 @@ class QuantizeRun:
             raise
         return acc.scaled()
 
-    def _quantize_linear(self, block, prefix, name, prepared, losses) -> dict:
+    def _quantize_group(self, block, prefix, group, prepared, losses) -> dict:
+        """The linears of one sub-group share one input, hence one U: their weights are stacked along the output
+        rows and solved in one column loop (the loop is row-separable; on the CPU its cost is per column, so q/k/v
+        and gate/up each cost one loop instead of three and two), then split back into layers."""
         o = self.options
-        linear = block.get_submodule(name)
+        linears = [block.get_submodule(name) for name in group]
         started = time.time()
+        weight = linears[0].weight if len(linears) == 1 else torch.cat([linear.weight for linear in linears])
         if prepared is None:
-            res = quantize_weight(linear.weight, None, bits=o.bits, group_size=o.group_size, sym=o.sym, method="rtn")
+            res = quantize_weight(weight, None, bits=o.bits, group_size=o.group_size, sym=o.sym, method="rtn")
         else:
-            res = quantize_prepared(linear.weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
+            res = quantize_prepared(weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
                                     method=o.method, beta=self.beta)
-        linear.weight.data = res.dequantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        losses.append(res.loss)
-        tensors = {prefix + name + "." + k: v.cpu() for k, v in res.pack(o.checkpoint_format).items()}
-        if linear.bias is not None:
-            tensors[prefix + name + ".bias"] = linear.bias.detach().to("cpu", torch.float16)
-        self._emit({"event": "module", "module": prefix + name, "loss": res.loss, "damp": res.damp,
-                    "condition": res.stats.get("condition"), "seconds": round(time.time() - started, 3),
-                    "rss_gib": psutil.Process().memory_info().rss / 2**30,
-                    "device_peak_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
-                                        if self.device.type == "cuda" else None)})
+        del weight
+        seconds = round(time.time() - started, 3)
+        tensors = {}
+        for name, linear, part in zip(group, linears, res.split([linear.out_features for linear in linears])):
+            linear.weight.data = part.dequantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            losses.append(part.loss)
+            tensors.update({prefix + name + "." + k: v.cpu() for k, v in part.pack(o.checkpoint_format).items()})
+            if linear.bias is not None:
+                tensors[prefix + name + ".bias"] = linear.bias.detach().to("cpu", torch.float16)
+            self._emit({"event": "module", "module": prefix + name, "loss": part.loss, "damp": part.damp,
+                        "condition": part.stats.get("condition"), "seconds": seconds, "solved_with": list(group),
+                        "rss_gib": psutil.Process().memory_info().rss / 2**30,
+                        "device_peak_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
+                                            if self.device.type == "cuda" else None)})
         return tensors
 
     def _advance(self, runner, stream: _Stream, branch, name: str, durable: bool) -> None:

@@ -176,6 +176,7 @@ class Plan:
     activation_store: str           # "ram" (mapped files stay hot) or "file" (pages stream from disk)
     store_bytes: int                # one activation store
     stores: int                     # stores alive at a block boundary (2, or 4 with GPTAQ)
+    keeps_mlp_inputs: bool          # down_proj's inputs kept in a work file (CPU, when it fits in RAM)
     gpu_memory: int | None
     host_memory: int | None
     fits: bool
@@ -254,11 +255,19 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     bt = rows * seqlen                                 # tokens in one forward batch
     tokens = nsamples * seqlen
     n_max = max(n for _, n in s.subgroups)
-    r_max, n_solve = max(((r, n) for r, n in s.linears.values()), key=lambda rn: rn[1] * (rn[1] + rn[0]))
+    # the layers of a sub-group are solved as one stacked matrix (pipeline._quantize_group)
+    r_max, n_solve = max(((sum(s.linears[m][0] for m in names), n) for names, n in s.subgroups),
+                         key=lambda rn: rn[1] * (rn[1] + rn[0]))
     block = s.block_params * c
     stored_block = s.block_params * s.stored_bytes
     store = tokens * h * c
-    stores = 6 if gptaq else 3  # per stream: block inputs, kept o_proj inputs, after-attention states (pipeline._advance)
+    streams = 2 if gptaq else 1
+    stores = 3 * streams  # per stream: block inputs, kept o_proj inputs, after-attention states (pipeline._advance)
+    # On the CPU the down_proj's inputs are kept too (a file intermediate/hidden stores wide, alive in the MLP
+    # branch next to three stores) when that fits in RAM: reading them back costs far less than the gate/up
+    # forward that would recompute them. On CUDA recomputing them is the cheaper side.
+    wide_store = tokens * inter * c
+    mlp_branch_store = 3 * store + wide_store
     items: list[Item] = []
 
     # -- the block work (device on CUDA, host on the CPU) --------------------------------------------------------
@@ -330,9 +339,13 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     required = host_totals[required_phase]
     block_work_with_store = host_totals["block work"] + stores * store
     in_ram = host_budget is None or max(required, block_work_with_store) <= host_budget
+    keeps_mlp_inputs = in_ram and kind == "cpu" and (
+        host_budget is None or host_totals["block work"] + streams * mlp_branch_store <= host_budget)
+    work_stores = streams * max(3 * store, mlp_branch_store if keeps_mlp_inputs else 0)
     if in_ram:
-        host_totals["block work"] = block_work_with_store
-        host_phases["block work"].append((f"{stores} activation stores (mapped files, kept hot)", stores * store))
+        host_totals["block work"] += work_stores
+        host_phases["block work"].append((f"{stores} activation stores" + (
+            " (+ the kept down_proj inputs)" if keeps_mlp_inputs else "") + " (mapped files, kept hot)", work_stores))
     else:
         window = stores * 2 * batch_in
         host_totals["block work"] += window
@@ -343,9 +356,10 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
 
     # -- disk --------------------------------------------------------------------------------------------------------
     disk_output = s.layers * (packed_block + s.other_params * 2) + outside
-    disk_work = stores * store
+    disk_work = work_stores if in_ram else stores * store
     items += [Item("output checkpoint", disk_output, "disk", "end"),
-              Item(f"work files: {stores} activation stores", disk_work, "disk", "block boundary")]
+              Item(f"work files: {stores} activation stores" + (" + kept down_proj inputs" if keeps_mlp_inputs else ""),
+                   disk_work, "disk", "block boundary")]
 
     reasons = []
     if kind == "cuda" and gpu_budget is not None and device_peak > gpu_budget:
@@ -361,6 +375,7 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
                 rows_per_batch=rows, seqlen=seqlen, calibration_tokens=tokens,
                 hessian_chunk_tokens=min(HESSIAN_CHUNK_TOKENS, bt), hessian_width=n_max,
                 activation_store="ram" if in_ram else "file", store_bytes=int(store), stores=stores,
+                keeps_mlp_inputs=keeps_mlp_inputs,
                 gpu_memory=gpu_budget, host_memory=host_budget, fits=not reasons, reasons=reasons, items=items,
                 device_phases={k: int(v) for k, v in dev_totals.items()},
                 host_phases={k: int(v) for k, v in host_totals.items()})
@@ -397,7 +412,8 @@ def format_plan(p: Plan, model: str = "") -> str:
     lines.append(f"  Hessian       widest {p.hessian_width}x{p.hessian_width}, accumulated in fp32 chunks of "
                  f"{p.hessian_chunk_tokens} tokens, one sub-group at a time")
     lines.append(f"  activations   {p.stores} stores of {format_size(p.store_bytes)} as memory-mapped files: "
-                 + ("kept hot in RAM" if p.activation_store == "ram" else "spilled (pages stream from disk)"))
+                 + ("kept hot in RAM" if p.activation_store == "ram" else "spilled (pages stream from disk)")
+                 + ("; down_proj inputs kept (no gate/up recompute)" if p.keeps_mlp_inputs else ""))
     lines.append("  largest items at the peaks:")
     for item in sorted(p.items, key=lambda i: -i.bytes)[:12]:
         lines.append(f"    {format_size(item.bytes):>11}  {item.where:<6} {item.name}")
