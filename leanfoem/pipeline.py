@@ -320,7 +320,7 @@ class QuantizeRun:
                 j += 1
             if StopSignal.requested:
                 raise Interrupted
-            yield i, torch.stack([store.row(k) for k in range(i, j)]).to(device=self.device, dtype=self.dtype)
+            yield i, store.rows(i, j).to(device=self.device, dtype=self.dtype).view(j - i, self.lengths[i], -1)
             i = j
 
     def _hessian(self, runner, streams, branch, module_name, keep: bool):
