@@ -17,11 +17,12 @@ The model follows what the pipeline does (pipeline.py, hessian.py, solver.py), p
   `batch_tokens` tokens (MLP intermediates dominate: ~3 × intermediate values per token);
 - GPTAQ doubles the Hessian (the cross term C), keeps a native copy of the block and a second store,
   and builds P = α·triu(C·Uᵀ)·U with ~5 n×n fp32 matrices alive;
-- the activation stores are memory-mapped .npy files in OUT/.leanfoem, at most three per stream alive at once
-  (the inputs of the block, the kept inputs of o_proj and the hidden states after the attention branch; then
-  those and the inputs of block i+1; twice that with GPTAQ). Their pages count as resident while hot but the
-  kernel can drop them: the plan says "ram" when they fit next to the rest of the host budget (fast), and
-  "file" when they must stream from disk (correct, slower; only a batch's pages are counted then);
+- the activation stores are .npy files in OUT/.leanfoem, at most three per stream alive at once (the inputs of
+  the block, the kept inputs of o_proj and the hidden states after the attention branch; then those and the
+  inputs of block i+1; twice that with GPTAQ), plus, on the CPU, the kept inputs of down_proj in the MLP
+  branch when they fit in RAM. They are written with pwrite and read with pread, so they never count in the
+  resident set: the plan says "ram" when the page cache can hold them next to the rest of the host budget
+  (fast), and "file" when they must stream from disk (correct, slower);
 - the end: the tensors outside the blocks (embedding, lm_head if untied, final norm) read and written.
 
 What must stay true: `plan()` needs a config (a `PretrainedConfig`, a dict, or a directory holding
@@ -334,29 +335,22 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     for parts in host_phases.values():
         parts.insert(0, ("python, torch, transformers" + (", CUDA libraries" if kind == "cuda" else ""), base))
     host_totals = {phase: sum(b for _, b in parts) for phase, parts in host_phases.items()}
-    # The activation stores are mapped files: resident while hot during the block work (inputs read, outputs written).
+    # The activation stores are files written with pwrite and read with pread (activations.py): the process holds
+    # only the batch it works on (counted above); the page cache holds the stores while RAM allows ("ram": fast),
+    # else they stream from disk ("file": correct, slower). Neither counts in the resident set.
     required_phase = max(host_totals, key=host_totals.get)
     required = host_totals[required_phase]
-    block_work_with_store = host_totals["block work"] + stores * store
-    in_ram = host_budget is None or max(required, block_work_with_store) <= host_budget
+    in_ram = host_budget is None or max(required, host_totals["block work"] + stores * store) <= host_budget
     keeps_mlp_inputs = in_ram and kind == "cpu" and (
         host_budget is None or host_totals["block work"] + streams * mlp_branch_store <= host_budget)
     work_stores = streams * max(3 * store, mlp_branch_store if keeps_mlp_inputs else 0)
-    if in_ram:
-        host_totals["block work"] += work_stores
-        host_phases["block work"].append((f"{stores} activation stores" + (
-            " (+ the kept down_proj inputs)" if keeps_mlp_inputs else "") + " (mapped files, kept hot)", work_stores))
-    else:
-        window = stores * 2 * batch_in
-        host_totals["block work"] += window
-        host_phases["block work"].append(("pages of the current batch in the mapped stores", window))
     host_phase = max(host_totals, key=host_totals.get)
     host_peak = host_totals[host_phase]
     items += [Item(name, b, "host", host_phase) for name, b in host_phases[host_phase] if b]
 
     # -- disk --------------------------------------------------------------------------------------------------------
     disk_output = s.layers * (packed_block + s.other_params * 2) + outside
-    disk_work = work_stores if in_ram else stores * store
+    disk_work = work_stores
     items += [Item("output checkpoint", disk_output, "disk", "end"),
               Item(f"work files: {stores} activation stores" + (" + kept down_proj inputs" if keeps_mlp_inputs else ""),
                    disk_work, "disk", "block boundary")]
@@ -411,8 +405,8 @@ def format_plan(p: Plan, model: str = "") -> str:
                  f"tokens ({p.rows_per_batch} rows) -> --batch-tokens {p.batch_tokens}")
     lines.append(f"  Hessian       widest {p.hessian_width}x{p.hessian_width}, accumulated in fp32 chunks of "
                  f"{p.hessian_chunk_tokens} tokens, one sub-group at a time")
-    lines.append(f"  activations   {p.stores} stores of {format_size(p.store_bytes)} as memory-mapped files: "
-                 + ("kept hot in RAM" if p.activation_store == "ram" else "spilled (pages stream from disk)")
+    lines.append(f"  activations   {p.stores} stores of {format_size(p.store_bytes)} as files: "
+                 + ("the page cache keeps them in RAM" if p.activation_store == "ram" else "streamed from disk")
                  + ("; down_proj inputs kept (no gate/up recompute)" if p.keeps_mlp_inputs else ""))
     lines.append("  largest items at the peaks:")
     for item in sorted(p.items, key=lambda i: -i.bytes)[:12]:

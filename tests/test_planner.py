@@ -54,12 +54,25 @@ def test_gptaq_doubles_the_hessian_and_the_stores():
     assert gptaq.device_peak_bytes - foem.device_peak_bytes >= 28672 ** 2 * 4 + 1.5 * GIB  # C + native block
 
 
-def test_spills_the_activation_store_when_ram_is_short():
+def test_activation_stores_stream_from_disk_when_the_page_cache_cannot_hold_them():
     roomy = plan(LLAMA_33_70B, device="cuda", host_memory="64GiB", nsamples=128, seqlen=2048)
-    between = (roomy.host_required_bytes + roomy.host_peak_bytes) // 2  # enough for all but the stores' pages
+    between = max(roomy.host_required_bytes,  # the process fits, its stores do not
+                  roomy.host_phases["block work"] + roomy.stores * roomy.store_bytes // 2)
     tight = plan(LLAMA_33_70B, device="cuda", host_memory=between, nsamples=128, seqlen=2048)
     assert roomy.activation_store == "ram" and tight.activation_store == "file" and tight.fits
-    assert tight.host_peak_bytes < roomy.host_peak_bytes
+    # read and written with pread/pwrite, the stores are never part of the resident set
+    assert roomy.host_peak_bytes == roomy.host_required_bytes and tight.host_peak_bytes <= roomy.host_peak_bytes
+
+
+def test_cpu_keeps_the_down_proj_inputs_only_when_they_fit_in_ram():
+    config = dict(LLAMA_33_70B, num_hidden_layers=2)
+    assert plan(config, device="cpu", nsamples=8, seqlen=512).keeps_mlp_inputs
+    assert not plan(config, device="cuda", nsamples=8, seqlen=512).keeps_mlp_inputs
+    cpu = plan(config, device="cpu", host_memory="64GiB", nsamples=8, seqlen=512)
+    room = max(cpu.host_required_bytes, cpu.host_phases["block work"] + cpu.stores * cpu.store_bytes)
+    short = plan(config, device="cpu", host_memory=room, nsamples=8, seqlen=512)
+    assert cpu.keeps_mlp_inputs and not short.keeps_mlp_inputs and short.activation_store == "ram"
+    assert cpu.disk_work_bytes == short.disk_work_bytes + 8 * 512 * 28672 * 4  # the kept inputs' file
 
 
 def test_sizes_parse():

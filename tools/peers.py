@@ -7,6 +7,8 @@ bitsandbytes): nothing here imports leanfoem, so a peer's wall time and peak RSS
     REF/bin/python tools/peers.py ppl --model DIR --text wiki.test.raw --seqlen 2048 [--windows N] [--nf4]
 
 `gptqmodel`: the rows are token ids (one JSON object with "input_ids" a line), the very rows leanfoem gets.
+`--dtype float32` runs the layers in fp32 as leanfoem does on the CPU; GPTQModel's own choice there is bf16,
+which a CPU without native bf16 (no AVX512-BF16) runs several times slower.
 GPTQModel's own default for GPTQ is act_group_aware=True (GAR: columns reordered inside groups and groups
 reordered by diag(H)); its FOEM path ignores that flag. Plain column order is used unless --gar, so both tools
 run the same algorithm.
@@ -29,6 +31,7 @@ import time
 
 
 def gptqmodel_quantize(args) -> dict:
+    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FOEMConfig
     rows = [json.loads(line)["input_ids"] for line in open(args.rows) if line.strip()]
@@ -39,7 +42,8 @@ def gptqmodel_quantize(args) -> dict:
         kwargs["offload_to_disk_path"] = args.offload_dir
     if args.method == "foem":
         kwargs["foem"] = FOEMConfig(alpha=args.alpha, beta=args.beta, device="cpu")
-    model = GPTQModel.load(args.model, QuantizeConfig(**kwargs), device="cpu")
+    load = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
+    model = GPTQModel.load(args.model, QuantizeConfig(**kwargs), device="cpu", **load)
     model.quantize(calib, batch_size=1)
     model.save(args.out)
     return {"rows": len(rows)}
@@ -113,6 +117,8 @@ def main() -> None:
     g.add_argument("--beta", type=float, default=0.2)
     g.add_argument("--damp", type=float, default=0.05)
     g.add_argument("--gar", action="store_true", help="act_group_aware (GPTQModel's GPTQ default)")
+    g.add_argument("--dtype", choices=["auto", "float32"], default="auto",
+                   help="compute dtype of the layers (auto: GPTQModel's choice, bf16 on the CPU)")
     g.add_argument("--offload-dir", default=None, help="GPTQModel's offload_to_disk_path (default: a temp dir)")
     g.set_defaults(handler=gptqmodel_quantize)
     b = sub.add_parser("bnb-nf4")
