@@ -164,7 +164,7 @@ class Plan:
     device_peak_phase: str
     host_peak_bytes: int            # resident set forecast (what /usr/bin/time calls max RSS)
     host_peak_phase: str
-    host_required_bytes: int        # the part the kernel cannot drop (without the activation store's pages)
+    host_required_bytes: int        # the part the kernel cannot drop (= host_peak_bytes: stores are page cache)
     disk_output_bytes: int
     disk_work_bytes: int
     disk_bytes: int
@@ -317,7 +317,7 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
         "tokenizing the calibration text": [("tokenizer", tokenizer),
                                             ("encodings of the calibration text", TOKENIZE_PER_TEXT_BYTE * calib_bytes)],
         "first inputs (embedding)": [("embed_tokens + its shard pages while read", 2 * embed),
-                                     ("activation store being written", store)],
+                                     ("rows being written to the first activation store", seqlen * h * c)],
         "reading a block": [("block tensors as stored + shard pages while read", 2 * stored_block)],
         "block work": [("BLAS / oneDNN buffers, modeling code", COMPUTE_RUNTIME),
                        ("block tensors as stored (norms, biases kept)", s.other_params * s.stored_bytes),
@@ -396,8 +396,8 @@ def format_plan(p: Plan, model: str = "") -> str:
     dev = "card" if p.device == "cuda" else "block work, part of host"
     lines.append(f"  device peak   {format_size(p.device_peak_bytes):>11}  ({dev}; at: {p.device_peak_phase})"
                  + (f"  budget {format_size(p.gpu_memory)}" if p.device == "cuda" and p.gpu_memory else ""))
-    lines.append(f"  host peak     {format_size(p.host_peak_bytes):>11}  (at: {p.host_peak_phase}; without the "
-                 f"activation store's pages {format_size(p.host_required_bytes)})"
+    lines.append(f"  host peak     {format_size(p.host_peak_bytes):>11}  (at: {p.host_peak_phase}; the activation "
+                 f"files live in the page cache, not in this)"
                  + (f"  budget {format_size(p.host_memory)}" if p.host_memory else ""))
     lines.append(f"  disk          {format_size(p.disk_bytes):>11}  (output {format_size(p.disk_output_bytes)}, "
                  f"work files {format_size(p.disk_work_bytes)}, freed at the end)")

@@ -247,7 +247,7 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
     block = wt[b0:b1].clone()
     block_original = original[b0:b1] if beta else None
     # Per-column results go straight into rows of these buffers (out= and in-place ops): on the CPU the loop
-    # costs per operation, not per flop (SmolLM2: ~150k columns of 576-3072 values), so fewer, allocation-free
+    # costs per operation, not per flop (SmolLM2-135M: ~100k columns of 576-3072 values), so fewer, allocation-free
     # operations are what makes it faster. The arithmetic is the same, operation for operation.
     float_codes = torch.empty_like(block)
     residuals = torch.empty_like(block)

@@ -140,6 +140,24 @@ def test_beta_zero_is_gptq_exactly():
     assert not torch.equal(beta.codes, gptq.codes)
 
 
+@pytest.mark.parametrize("method", ["rtn", "foem"])
+def test_stacked_layers_split_back_into_their_own_solutions(method):
+    """A sub-group's layers share H: stacked along the output rows they are solved in one column loop (the loop is
+    row-separable), and split() gives each layer what solving it alone gives."""
+    w, h, _, _ = make_problem(rows=96, seed=11)
+    first, second = w[:64].float(), w[64:].float()
+    kw = dict(method=method, bits=4, group_size=32, beta=0.2)
+    alone = [quantize_weight(first, h.float(), **kw), quantize_weight(second, h.float(), **kw)]
+    parts = quantize_weight(torch.cat([first, second]), h.float(), **kw).split([64, 32])
+    for part, single in zip(parts, alone):
+        assert torch.equal(part.codes, single.codes) and torch.equal(part.scales, single.scales)
+        assert torch.equal(part.zeros, single.zeros) and torch.equal(part.dequantized, single.dequantized)
+        assert part.loss == pytest.approx(single.loss, rel=1e-9)
+        assert part.g_idx.data_ptr() != parts[0].g_idx.data_ptr() or part is parts[0]  # own tensors for a shard
+    with pytest.raises(ValueError, match="add up to"):
+        quantize_weight(first, h.float(), **kw).split([32, 16])
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_and_foem_beat_round_to_nearest_on_correlated_inputs(bits):
     g = torch.Generator().manual_seed(7)
