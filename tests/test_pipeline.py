@@ -160,3 +160,26 @@ def test_branches_reproduce_the_decoder_layer_bit_for_bit(tmp_path, tokenizer_di
     assert torch.equal(runner.branch_output(block, mlp, after_attention), runner.forward(block, hidden))
     gate_input = runner.input_of(block, mlp, "mlp.gate_proj", after_attention)
     assert torch.equal(gate_input, block.post_attention_layernorm(after_attention))
+
+
+def test_kept_down_proj_inputs_give_the_same_bits_as_recomputing_them(tmp_path, calib_file, tokenizer_dir, monkeypatch):
+    """On the CPU the planner keeps down_proj's inputs (the MLP output is then one matmul); the checkpoint must be
+    the one that recomputing the gate/up forward gives, byte for byte."""
+    from leanfoem import pipeline
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="llama")
+    kept, recomputed = tmp_path / "kept", tmp_path / "recomputed"
+    quantize_cli(source, kept, calib_file)
+    plan = pipeline.QuantizeRun._plan
+
+    def without_keeping(self):
+        chosen = plan(self)
+        assert chosen.keeps_mlp_inputs  # the CPU default, or this test compares nothing
+        chosen.keeps_mlp_inputs = False
+        return chosen
+
+    monkeypatch.setattr(pipeline.QuantizeRun, "_plan", without_keeping)
+    quantize_cli(source, recomputed, calib_file)
+    shards = sorted(p.name for p in kept.glob("model-*.safetensors"))
+    assert shards and shards == sorted(p.name for p in recomputed.glob("model-*.safetensors"))
+    for name in shards:
+        assert (kept / name).read_bytes() == (recomputed / name).read_bytes()

@@ -442,7 +442,9 @@ class Bench:
 GPTQMODEL_CPU_WORKERS=2; leanfoem at {', '.join(sorted(commits)) or '–'}). Load average (1 min) before the runs: {min(loads):.2f}–{max(loads):.2f}.
 {model.title}; the same {model.nsamples} × {model.seqlen} calibration rows ({model.calib_name}) handed to both
 tools as token ids; damping 0.05 × mean diag(H); no act-order, GPTQModel's GAR off (its GPTQ default, which
-its FOEM path ignores). bitsandbytes NF4 (4 bit only) needs no calibration: the decoder's linear layers in NF4,
+its FOEM path ignores). GPTQModel runs marked (fp32) load the layers in fp32 (`dtype=torch.float32`), as leanfoem
+computes on the CPU; GPTQModel's own choice on the CPU is bf16, which this CPU (AVX2, no AVX512-BF16) runs several
+times slower. bitsandbytes NF4 (4 bit only) needs no calibration: the decoder's linear layers in NF4,
 embeddings, norms and the tied head in fp32, fp32 compute.
 Each quantization in its own process, one at a time; wall time and peak RSS (ru_maxrss) are that process's;
 GPTQModel's one-time C++ kernel build is done in an untimed warm-up. Perplexity: `leanfoem eval` on each
