@@ -430,15 +430,29 @@ def test_full_disk_then_the_same_command_resumes(model, tmp_path, calib, referen
     activation-sized work file is reserved, while the shard of block 0 is written, or while the tokenizer is copied at
     the end. Then the disk grows and the same command finishes, bit-identical."""
     import torch
-    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
-    acts = _pages(128 + 4 * 64 * hidden * (2 if torch.cuda.is_available() else 4))  # 4 rows of 64 tokens
+    config = json.loads((model / "config.json").read_text())
+    itemsize = 2 if torch.cuda.is_available() else 4
+    # A block's work files must fit where its shard does not: with 4 rows of 64 tokens the kept down_proj inputs
+    # alone outweigh this model's shard, so that stage calibrates on 8 tokens (and has its own reference run).
+    rows, tokens = (1, 8) if stage == "block-shard" else (4, 64)
+    fewer = ["--nsamples", str(rows), "--seqlen", str(tokens)] if stage == "block-shard" else []
+    if fewer:
+        reference = tmp_path / "reference"
+        assert main(quantize_args(model, reference, calib, *fewer)) == 0
+
+    def work_file(width: int) -> int:
+        return _pages(128 + rows * tokens * width * itemsize)  # .npy header, then the rows
+
+    acts = work_file(config["hidden_size"])
+    # the down_proj's inputs, kept in a work file on the CPU (Plan.keeps_mlp_inputs)
+    mlp_acts = 0 if torch.cuda.is_available() else work_file(config["intermediate_size"])
     shards = sorted(reference.glob("*.safetensors"))
     small_files = 6 * 4096  # journal, run log
     size = {
         "activations-file": acts + acts // 2 + small_files,
         # a block keeps up to three activation-sized work files at once (inputs, kept o_proj inputs or the next
-        # inputs, the states after attention); one more of slack, and half of block 0's shard
-        "block-shard": 4 * acts + _pages(shards[0].stat().st_size) // 2 + small_files,
+        # inputs, the states after attention) and the kept down_proj inputs; plus half of block 0's shard
+        "block-shard": 3 * acts + mlp_acts + _pages(shards[0].stat().st_size) // 2 + small_files,
         "side-files": (sum(_pages(p.stat().st_size) for p in shards) + acts + small_files
                        + sum(_pages((reference / n).stat().st_size)
                              for n in ("model.safetensors.index.json", "generation_config.json"))
@@ -449,7 +463,7 @@ def test_full_disk_then_the_same_command_resumes(model, tmp_path, calib, referen
     if not _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)):
         pytest.skip("cannot mount a small tmpfs here (needs root and mount permission)")
     try:
-        args = quantize_args(model, mount / "out", calib)
+        args = quantize_args(model, mount / "out", calib, *fewer)
         err = fails(capsys, args, "no space left on device", code=1, untouched=[model])
         print(f"{stage}, {size // 1024} KiB: {err.strip()}")
         assert "run the same command again" in err and str(model) not in err, err
