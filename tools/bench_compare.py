@@ -132,11 +132,13 @@ RUNS = {r.name: r for r in [
 FP = "fp"  # the unquantized model: `leanfoem eval` and the in-process transformers perplexity
 
 
-def calibration_rows(model_dir: Path, text: Path, path: Path, nsamples: int, seqlen: int) -> Path:
-    """The rows leanfoem's `.txt` windowing cuts from `text`, as token ids in a .jsonl both tools read."""
+def calibration_rows(model_dir: Path, text: Path, path: Path, nsamples: int, seqlen: int, seed: int) -> Path:
+    """The rows leanfoem's `.txt` windowing cuts from `text` (windows drawn by `seed`), as token ids in a .jsonl
+    both tools read."""
     from transformers import AutoTokenizer
     from leanfoem.calibration import load_calibration
-    rows = load_calibration(str(text), AutoTokenizer.from_pretrained(model_dir), nsamples=nsamples, seqlen=seqlen)
+    rows = load_calibration(str(text), AutoTokenizer.from_pretrained(model_dir), nsamples=nsamples, seqlen=seqlen,
+                            seed=seed)
     path.write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in rows))
     return path
 
@@ -208,7 +210,8 @@ class Bench:
         """The calibration rows file (rebuilt every invocation: deterministic) and its SHA-256."""
         path = self.work / model.key / "rows.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        calibration_rows(self.model_dir(model), self.calib_text(model), path, model.nsamples, model.seqlen)
+        calibration_rows(self.model_dir(model), self.calib_text(model), path, model.nsamples, model.seqlen,
+                         self.args.calib_seed)
         return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
     def versions(self) -> dict:
@@ -496,6 +499,9 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="tokens a window (capped by the model)")
     parser.add_argument("--demo-eval-text", type=Path, default=None,
                         help="evaluation text for the demo model (default: wikitext-2 test, like SmolLM2)")
+    parser.add_argument("--calib-seed", type=int, default=0,
+                        help="which calibration windows are drawn (leanfoem's --seed); another seed is another "
+                             "calibration set: give it its own --workdir, the cache keeps one set a model")
     parser.add_argument("--python", default=sys.executable, help="python that runs leanfoem")
     parser.add_argument("--ref-python", default="/work/venv-ref/bin/python",
                         help="python with gptqmodel 7.7.0 and bitsandbytes")
