@@ -115,7 +115,6 @@ def default_calibration() -> str:
 
 class QuantizeRun:
     def __init__(self, options: QuantizeOptions):
-        map_large_allocations()
         self.options = options
         self.model_dir = resolve_model_dir(options.model)
         self.out = Path(options.out).expanduser()
@@ -480,19 +479,6 @@ def check_token_ids(rows: list[torch.Tensor], vocab_size: int) -> None:
             bad = row[(row < 0) | (row >= vocab_size)][0].item()
             raise CalibrationError(f"calibration row {number + 1} holds token id {bad}, outside the model's "
                                    f"vocabulary of {vocab_size}")
-
-
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
-
-
-def map_large_allocations(threshold: int = 4 << 20) -> None:
-    """Has glibc serve every allocation above `threshold` bytes by its own mmap, unmapped when freed. By default
-    glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which a block's big
-    temporaries (forward batches, MLP intermediates, Hessian chunks) come from the heap, where they fragment and
-    stay resident: 16 layers of hidden 2048 peaked at 1412 MiB that way, 1121 MiB with this (the planner's 1.10 GiB)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 def release_freed_memory() -> None:
