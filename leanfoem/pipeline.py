@@ -20,6 +20,7 @@ import copy
 import ctypes
 import dataclasses
 import json
+import resource
 import logging
 import shutil
 import sys
@@ -185,7 +186,7 @@ class QuantizeRun:
                 bar.update(1)
                 if not self.options.quiet:
                     bar.write(f"block {index + 1}/{runner.num_blocks}: {entry['seconds']:.1f} s, "
-                              f"loss {entry['loss']:.4g}, peak RSS {entry['rss_gib']:.2f} GiB")
+                              f"loss {entry['loss']:.4g}, RSS {entry['rss_gib']:.2f} GiB (peak {entry['peak_rss_gib']:.2f})")
         finally:
             bar.close()
         self._finish(journal, total_shards, digest)
@@ -270,6 +271,9 @@ class QuantizeRun:
                 if self.options.method != "rtn":  # round-to-nearest needs no statistics
                     keep = group == (branch.output,) and self._keeps_output_input(block, branch)
                     hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
+                    # the fp64 factor buffer is a fresh mapping that the heap's free chunks cannot serve: hand
+                    # back what the Hessian pass freed (its forward temporaries) so the two do not add up
+                    release_freed_memory()
                     prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
                                                alpha=self.alpha, cross=cross, overwrite=True)
                     del hessian, cross
@@ -284,7 +288,8 @@ class QuantizeRun:
         shard = shard_name(index + 1, total_shards)
         sha = write_shard(self.out / shard, tensors)
         entry = {"index": index, "shard": shard, "sha256": sha, "seconds": round(time.time() - started, 3),
-                 "loss": sum(losses), "rss_gib": psutil.Process().memory_info().rss / 2**30}
+                 "loss": sum(losses), "rss_gib": psutil.Process().memory_info().rss / 2**30,
+                 "peak_rss_gib": peak_rss_gib()}
         previous = [journal.state["inputs"]["file"]] + (
             [journal.state["native_inputs"]["file"]] if self.gptaq else [])
         outputs = [stream.finished for stream in streams] + [None]
@@ -479,6 +484,12 @@ def check_token_ids(rows: list[torch.Tensor], vocab_size: int) -> None:
             bad = row[(row < 0) | (row >= vocab_size)][0].item()
             raise CalibrationError(f"calibration row {number + 1} holds token id {bad}, outside the model's "
                                    f"vocabulary of {vocab_size}")
+
+
+def peak_rss_gib() -> float:
+    """The process's resident high-water mark so far (the block log's current RSS misses the peaks inside)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB elsewhere
 
 
 def release_freed_memory() -> None:

@@ -80,6 +80,20 @@ def relative_weight_error(source, out):
     return sorted(errors)
 
 
+def assert_run_log_covers_every_module(out, source):
+    """The run log (quantize_log.jsonl) has, per linear, its damping, loss, time and memory, and per block its
+    current and peak resident memory."""
+    events = [json.loads(line) for line in (out / "quantize_log.jsonl").read_text().splitlines()]
+    modules = {e["module"]: e for e in events if e["event"] == "module"}
+    linears = {n[: -len(".weight")] for n in index_of(source) if ".layers." in n and n.endswith("_proj.weight")}
+    assert set(modules) == linears
+    for e in modules.values():
+        assert e["damp"] > 0 and e["loss"] >= 0 and e["seconds"] >= 0 and e["rss_gib"] > 0
+    blocks = [e for e in events if e["event"] == "block"]
+    assert [e["index"] for e in blocks] == list(range(len(blocks))) and blocks
+    assert all(0 < e["rss_gib"] <= e["peak_rss_gib"] for e in blocks)
+
+
 def load_dense(out):
     config = AutoConfig.from_pretrained(out)
     del config.quantization_config
@@ -98,6 +112,7 @@ def test_each_family_quantizes_to_a_loadable_gptq_checkpoint(tmp_path, calib_fil
     out = tmp_path / "out"
     quantize_cli(source, out, calib_file)
     assert_well_formed(out, source, 4, 64)
+    assert_run_log_covers_every_module(out, source)
     assert relative_weight_error(source, out)[-1] < 0.2
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     quantized = load_dense(out)
