@@ -128,7 +128,7 @@ def inverse_upper_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool 
     With J the reversal permutation, J(H+λI)J = M·Mᵀ (M lower) gives (H+λI)⁻¹ = (J M⁻¹ J)ᵀ(J M⁻¹ J) and
     J M⁻¹ J is upper: one Cholesky and one triangular inverse, instead of Cholesky → inverse → Cholesky.
     """
-    if not torch.isfinite(hessian).all():
+    if not _all_finite(hessian):
         raise FactorizationError("the Hessian holds NaN or Inf (non-finite activations reached this layer)")
     mean_diag = torch.diagonal(hessian).double().mean().item()
     if mean_diag <= 0:
@@ -143,6 +143,11 @@ def inverse_upper_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool 
             return Factor(upper, fraction, tried, condition)
     raise FactorizationError(
         f"Cholesky of H + λI failed at every damping tried ({', '.join(f'{d:g}' for d in tried)} × mean diag)")
+
+
+def _all_finite(hessian: torch.Tensor, rows: int = 1024) -> bool:
+    """isfinite over row blocks: a whole-matrix mask would be one more n×n temporary at the factorisation's peak."""
+    return all(bool(torch.isfinite(hessian[i:i + rows]).all()) for i in range(0, hessian.shape[0], rows))
 
 
 def _factor_lapack(hessian: torch.Tensor, damping: float, overwrite: bool):

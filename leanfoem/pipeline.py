@@ -265,15 +265,18 @@ class QuantizeRun:
         for name in self.arch.linear_names:  # their packed form replaces them; keep only what is copied as is
             source.pop(prefix + name + ".weight", None)
         packed, losses = {}, []
+        widest = max(block.get_submodule(name).in_features for name in self.arch.linear_names)
         for number, branch in enumerate(self.arch.branches):
             for group in self.arch.subgroups_of(branch):
                 prepared = None
                 if self.options.method != "rtn":  # round-to-nearest needs no statistics
                     keep = group == (branch.output,) and self._keeps_output_input(block, branch)
                     hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
-                    # the fp64 factor buffer is a fresh mapping that the heap's free chunks cannot serve: hand
-                    # back what the Hessian pass freed (its forward temporaries) so the two do not add up
-                    release_freed_memory()
+                    if hessian.shape[0] == widest:
+                        # the block's peak: its largest fp64 factor buffer, a fresh mapping that the heap's free
+                        # chunks cannot serve. Hand back what the Hessian pass freed so the two do not add up
+                        # (only here: each hand-back costs page faults when the heap grows again)
+                        release_freed_memory()
                     prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
                                                alpha=self.alpha, cross=cross, overwrite=True)
                     del hessian, cross

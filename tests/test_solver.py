@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leanfoem import FactorizationError, quantize_weight
-from leanfoem.hessian import inverse_upper_factor
+from leanfoem.hessian import _all_finite, inverse_upper_factor
 from leanfoem.solver import solve_columns
 
 
@@ -227,6 +227,11 @@ def test_unfactorisable_hessian_raises_instead_of_falling_back():
     h = torch.full((32, 32), float("nan"))
     with pytest.raises(FactorizationError, match="NaN"):
         quantize_weight(torch.randn(8, 32), h, method="gptq", group_size=32)
+    h = torch.eye(32)
+    h[31, 5] = float("inf")  # in the last row block the check reads
+    with pytest.raises(FactorizationError, match="NaN or Inf"):
+        inverse_upper_factor(h, 0.01)
+    assert not _all_finite(h, rows=4) and _all_finite(torch.eye(32), rows=4)
     h = -torch.eye(32) * 100
     h[0, 0] = 3300.0  # mean diag 3.125: even damping of 1.0 × mean cannot lift the rest above 0
     with pytest.raises(FactorizationError, match="failed at every damping"):
