@@ -68,9 +68,10 @@ def summarise(workdirs: list[Path], model: str, bits: int, a: str, b: str) -> tu
 
 
 def render(draws: list[dict], stats: dict, a: str, b: str, command: str) -> str:
-    lines = [f"Command: `{command}` ({machine_line()}). Each draw is one bench_compare `--workdir` / "
-             f"`--calib-seed`: 32 windows of 512 tokens of War and Peace, the same rows to both tools; 4 bit, "
-             f"group 64, β = 0.2; perplexity on wikitext-2 ({draws[0]['eval']}).", "",
+    lines = [f"Command: `{command}` ({machine_line()}). Each draw is the `--workdir` of one `python "
+             f"tools/bench_compare.py --models smollm2 --bits 4 --eval-windows 16 --runs {a},{b} --calib-seed N` "
+             f"(its own N): 32 windows of 512 tokens of War and Peace, the same rows to both tools; 4 bit, group 64, "
+             f"β = 0.2; perplexity on wikitext-2 ({draws[0]['eval']}).", "",
              f"| draw | {a} | {b} | gap |", "|---|---|---|---|"]
     for d in draws:
         lines.append(f"| {d['draw']} | {d['a']:.2f} | {d['b']:.2f} | {math.expm1(d['log_ratio']):+.1%} |")
