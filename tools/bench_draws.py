@@ -19,18 +19,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import scipy.stats
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import machine_line, replace_section  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 SECTION = "FOEM perplexity over calibration draws"
-# two-sided 95% Student t quantiles by degrees of freedom (beyond 30 the normal's 1.96 is close enough)
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
-       15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04}
-
-
-def t95(dof: int) -> float:
-    return T95[max(k for k in T95 if k <= dof)] if dof <= 30 else 1.96
 
 
 def read_draw(workdir: Path, model: str, bits: int, run: str) -> dict | None:
@@ -38,11 +33,11 @@ def read_draw(workdir: Path, model: str, bits: int, run: str) -> dict | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    evals = list(result.get("evals", {}).values())
+    evals = result.get("evals", {})
     if not evals:
         return None
-    return {"perplexity": evals[0]["perplexity"], "eval": next(iter(result["evals"])),
-            "rows": result["settings"]["rows_sha256"]}
+    key, first = next(iter(evals.items()))
+    return {"perplexity": first["perplexity"], "eval": key, "rows": result["settings"]["rows_sha256"]}
 
 
 def summarise(workdirs: list[Path], model: str, bits: int, a: str, b: str) -> tuple[list[dict], dict]:
@@ -60,7 +55,7 @@ def summarise(workdirs: list[Path], model: str, bits: int, a: str, b: str) -> tu
         raise SystemExit("need at least two draws with both runs evaluated")
     logs = [d["log_ratio"] for d in draws]
     mean, se = statistics.fmean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
-    half = t95(len(logs) - 1) * se
+    half = scipy.stats.t.ppf(0.975, len(logs) - 1) * se  # two-sided 95% Student t interval
     stats = {"draws": len(draws), "mean_gap": math.expm1(mean), "se": se, "low": math.expm1(mean - half),
              "high": math.expm1(mean + half), "a_wins": sum(1 for x in logs if x < 0),
              "mean_a": statistics.fmean(d["a"] for d in draws), "mean_b": statistics.fmean(d["b"] for d in draws)}
