@@ -15,6 +15,7 @@ What must stay true:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,7 +147,12 @@ def inverse_upper_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool 
 
 
 def _all_finite(hessian: torch.Tensor, rows: int = 1024) -> bool:
-    """isfinite over row blocks: a whole-matrix mask would be one more n×n temporary at the factorisation's peak."""
+    """Whether every entry is finite. First from the sum (NaN and ±Inf propagate into it; no temporary): an
+    isfinite mask, even by row blocks, leaves tens of MB of freed temporaries in the heap under the factorisation's
+    fp64 buffer (hidden-2048 down_proj: 42-100 MiB on the block's peak). Only when the sum is not finite (a
+    non-finite entry, or finite entries whose sum overflows) are the entries looked at, by row blocks."""
+    if math.isfinite(hessian.sum().item()):
+        return True
     return all(bool(torch.isfinite(hessian[i:i + rows]).all()) for i in range(0, hessian.shape[0], rows))
 
 

@@ -154,8 +154,13 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float, desc_act: bool, alpha
 
 
 def quantize_prepared(weight: torch.Tensor, prepared: PreparedHessian, *, bits: int, group_size: int, sym: bool,
-                      method: str, beta: float, block_size: int = 128) -> QuantResult:
-    wt = weight.detach().to(device=prepared.upper.device, dtype=torch.float32).T.contiguous()  # [in, out]
+                      method: str, beta: float, block_size: int = 128, overwrite: bool = False) -> QuantResult:
+    """The column loop for one weight [out, in] (or several stacked along the rows) with a prepared H.
+
+    The loop works on Wt [in, out]; `overwrite=True` lets it work in `weight`'s storage when weight.T is already
+    a contiguous fp32 tensor on U's device (the pipeline stacks its layers that way: one copy fewer at the peak)."""
+    wt = weight.detach().to(device=prepared.upper.device, dtype=torch.float32).T
+    wt = wt.contiguous() if overwrite else wt.clone(memory_format=torch.contiguous_format)  # [in, out]
     wt[prepared.dead] = 0
     if prepared.perm is not None:
         wt = wt[prepared.perm]

@@ -228,10 +228,14 @@ def test_unfactorisable_hessian_raises_instead_of_falling_back():
     with pytest.raises(FactorizationError, match="NaN"):
         quantize_weight(torch.randn(8, 32), h, method="gptq", group_size=32)
     h = torch.eye(32)
-    h[31, 5] = float("inf")  # in the last row block the check reads
+    h[31, 5] = float("inf")
     with pytest.raises(FactorizationError, match="NaN or Inf"):
         inverse_upper_factor(h, 0.01)
     assert not _all_finite(h, rows=4) and _all_finite(torch.eye(32), rows=4)
+    h = torch.full((32, 32), 3e38)  # every entry finite, their sum is not: the row blocks decide
+    assert _all_finite(h, rows=4)
+    h[31, 3] = float("-inf")
+    assert not _all_finite(h, rows=4)
     h = -torch.eye(32) * 100
     h[0, 0] = 3300.0  # mean diag 3.125: even damping of 1.0 × mean cannot lift the rest above 0
     with pytest.raises(FactorizationError, match="failed at every damping"):
