@@ -45,7 +45,7 @@ from .hessian import HessianAccumulator
 from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
 from .planner import budgets_for, check_fits, plan
-from .solver import method_terms, prepare_hessian, quantize_prepared, quantize_weight
+from .solver import PreparedHessian, method_terms, prepare_hessian, quantize_prepared, quantize_weight
 
 log = logging.getLogger(__name__)
 LOG_NAME = "quantize_log.jsonl"
@@ -271,20 +271,7 @@ class QuantizeRun:
             for group in self.arch.subgroups_of(branch):
                 prepared = None
                 if self.options.method != "rtn":  # round-to-nearest needs no statistics
-                    keep = group == (branch.output,) and self._keeps_output_input(block, branch)
-                    hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
-                    if keep:  # the body does not run again (`_advance` applies the output to the kept inputs)
-                        body = [name for earlier in self.arch.subgroups_of(branch)[:-1] for name in earlier]
-                        for stream in streams:
-                            runner.release(stream.block, body)
-                    if hessian.shape[0] == widest:
-                        # the block's peak: its largest fp64 factor buffer, a fresh mapping that the heap's free
-                        # chunks cannot serve. Hand back what the Hessian pass freed so the two do not add up
-                        # (only here: each hand-back costs page faults when the heap grows again)
-                        release_freed_memory()
-                    prepared = prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act,
-                                               alpha=self.alpha, cross=cross, overwrite=True)
-                    del hessian, cross
+                    prepared = self._prepare_group(runner, streams, branch, group, widest)
                 packed.update(self._quantize_group(block, prefix, group, prepared, losses))
                 del prepared
             last = number == len(self.arch.branches) - 1
@@ -309,6 +296,27 @@ class QuantizeRun:
         release_freed_memory()
         self._emit(dict(entry, event="block"))
         return entry
+
+    def _prepare_group(self, runner, streams, branch, group, widest: int) -> PreparedHessian:
+        """The sub-group's Hessian pass and fp64 factorisation. The widest input's step is the block's memory peak
+        (its n×n H, then the fp64 factor beside it): before its pass and again before its factor, freed memory is
+        handed back, so that what earlier steps freed does not sit under the pass's batches, nor the pass's freed
+        batches under the fp64 buffer (a fresh mapping the heap's free chunks cannot serve). Only there: each
+        hand-back costs page faults when the heap grows again."""
+        block = streams[0].block
+        at_peak = block.get_submodule(group[0]).in_features == widest
+        if at_peak:
+            release_freed_memory()
+        keep = group == (branch.output,) and self._keeps_output_input(block, branch)
+        hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
+        if keep:  # the body does not run again (`_advance` applies the output to the kept inputs)
+            body = [name for earlier in self.arch.subgroups_of(branch)[:-1] for name in earlier]
+            for stream in streams:
+                runner.release(stream.block, body)
+        if at_peak:
+            release_freed_memory()
+        return prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act, alpha=self.alpha,
+                               cross=cross, overwrite=True)
 
     def _keeps_output_input(self, block, branch) -> bool:
         """Whether the pass over the branch's output linear keeps its inputs in a work file, so the branch output
@@ -504,7 +512,7 @@ def peak_rss_gib() -> float:
 
 
 def release_freed_memory() -> None:
-    """Hands freed memory back to the OS (after each block, and before a block's widest factorisation). glibc keeps
+    """Hands freed memory back to the OS (after each block, and around the Hessian pass of its widest input). glibc keeps
     freed large blocks in its arenas, and without this the resident size creeps up block after block (measured:
     +50 MB per block at hidden 2048)."""
     if sys.platform.startswith("linux"):
