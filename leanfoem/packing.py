@@ -22,7 +22,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     n = values.shape[0]
     if n % 32:
         raise ValueError(f"cannot pack {n} values along a dimension that is not a multiple of 32")
-    chunk = 1024  # bounds the int64 temporaries to 1024 rows at a time
+    chunk = 256  # bounds the int64 temporaries to 256 rows at a time (a 5632-wide layer: 11 MiB each)
     if n > chunk:
         return torch.cat([pack_rows(values[i:i + chunk], bits) for i in range(0, n, chunk)])
     runs = values.to(torch.int64).reshape(n // 32, 32, *values.shape[1:])

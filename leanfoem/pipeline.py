@@ -377,6 +377,8 @@ class QuantizeRun:
         # stacked in the solver's [in, out] layout, so that its transpose of `weight` below is free: a cat along
         # the output rows and then that transpose were two copies (gate/up at hidden 2048: 92 MiB at the peak)
         weight = torch.cat([linear.weight.detach().T for linear in linears], dim=1).T
+        for linear in linears:  # the stacked copy is all the solve reads; each layer gets its dequantized weights
+            linear.weight.data = linear.weight.data.new_empty(0)
         if prepared is None:
             res = quantize_weight(weight, None, bits=o.bits, group_size=o.group_size, sym=o.sym, method="rtn")
         else:

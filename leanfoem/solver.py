@@ -57,14 +57,15 @@ class QuantResult:
     def dequantized(self) -> torch.Tensor:
         """float32 [out, in]: exactly the weights the packed layer computes with.
 
-        Built in chunks of input columns: whole-matrix gathers of scales and zeros would cost four extra
+        Built in chunks of 256 input columns: whole-matrix gathers of scales and zeros would cost four extra
         [in, out] fp32 temporaries at the memory peak of a layer."""
         columns, rows = self.codes.shape
         out = torch.empty((rows, columns), dtype=torch.float32, device=self.codes.device)
-        for start in range(0, columns, 1024):
-            stop = min(start + 1024, columns)
+        scales, zeros = self.scales.float(), self.zeros.float()
+        for start in range(0, columns, 256):
+            stop = min(start + 256, columns)
             g = self.g_idx[start:stop].long()
-            chunk = dequantize(self.codes[start:stop].float(), self.scales.float()[g], self.zeros.float()[g])
+            chunk = dequantize(self.codes[start:stop].float(), scales[g], zeros[g])
             out[:, start:stop] = chunk.T
         return out
 
