@@ -268,10 +268,19 @@ class QuantizeRun:
         packed, losses = {}, []
         widest = max(block.get_submodule(name).in_features for name in self.arch.linear_names)
         for number, branch in enumerate(self.arch.branches):
+            # The branch of the block's widest layer (the MLP) holds its memory peak: its H and fp64 factor and
+            # its stacked weights are the block's largest. Before each of its steps (Hessian pass, factorisation,
+            # solve), what the previous step freed is handed back, so that it does not lie under the next step's
+            # large buffers (in 16-layer runs at hidden 2048, 160-320 MiB of it had lain under the gate/up
+            # solve). Only there: each hand-back costs page faults when the heap grows again.
+            peak_branch = any(block.get_submodule(group[0]).in_features == widest
+                              for group in self.arch.subgroups_of(branch))
             for group in self.arch.subgroups_of(branch):
                 prepared = None
                 if self.options.method != "rtn":  # round-to-nearest needs no statistics
-                    prepared = self._prepare_group(runner, streams, branch, group, widest)
+                    prepared = self._prepare_group(runner, streams, branch, group, hand_back=peak_branch)
+                if peak_branch:
+                    release_freed_memory()
                 packed.update(self._quantize_group(block, prefix, group, prepared, losses))
                 del prepared
             last = number == len(self.arch.branches) - 1
@@ -297,15 +306,11 @@ class QuantizeRun:
         self._emit(dict(entry, event="block"))
         return entry
 
-    def _prepare_group(self, runner, streams, branch, group, widest: int) -> PreparedHessian:
-        """The sub-group's Hessian pass and fp64 factorisation. The widest input's step is the block's memory peak
-        (its n×n H, then the fp64 factor beside it): before its pass and again before its factor, freed memory is
-        handed back, so that what earlier steps freed does not sit under the pass's batches, nor the pass's freed
-        batches under the fp64 buffer (a fresh mapping the heap's free chunks cannot serve). Only there: each
-        hand-back costs page faults when the heap grows again."""
+    def _prepare_group(self, runner, streams, branch, group, hand_back: bool) -> PreparedHessian:
+        """The sub-group's Hessian pass and fp64 factorisation; with `hand_back`, freed memory is handed back before
+        each (the fp64 buffer is a fresh mapping that the heap's free chunks cannot serve)."""
         block = streams[0].block
-        at_peak = block.get_submodule(group[0]).in_features == widest
-        if at_peak:
+        if hand_back:
             release_freed_memory()
         keep = group == (branch.output,) and self._keeps_output_input(block, branch)
         hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
@@ -313,7 +318,7 @@ class QuantizeRun:
             body = [name for earlier in self.arch.subgroups_of(branch)[:-1] for name in earlier]
             for stream in streams:
                 runner.release(stream.block, body)
-        if at_peak:
+        if hand_back:
             release_freed_memory()
         return prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act, alpha=self.alpha,
                                cross=cross, overwrite=True)
@@ -514,8 +519,8 @@ def peak_rss_gib() -> float:
 
 
 def release_freed_memory() -> None:
-    """Hands freed memory back to the OS (after each block, and around the Hessian pass of its widest input). glibc keeps
-    freed large blocks in its arenas, and without this the resident size creeps up block after block (measured:
+    """Hands freed memory back to the OS (after each block, and between the steps of its widest layer's branch).
+    glibc keeps freed large blocks in its arenas, and without this the resident size creeps up block after block (measured:
     +50 MB per block at hidden 2048)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
