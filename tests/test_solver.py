@@ -5,7 +5,7 @@ import torch
 
 from leanfoem import FactorizationError, quantize_weight
 from leanfoem.hessian import _all_finite, inverse_upper_factor
-from leanfoem.solver import solve_columns
+from leanfoem.solver import prepare_hessian, quantize_prepared, solve_columns
 
 
 def correlated_inputs(tokens, n, seed):
@@ -156,6 +156,21 @@ def test_stacked_layers_split_back_into_their_own_solutions(method):
         assert part.g_idx.data_ptr() != parts[0].g_idx.data_ptr() or part is parts[0]  # own tensors for a shard
     with pytest.raises(ValueError, match="add up to"):
         quantize_weight(first, h.float(), **kw).split([32, 16])
+
+
+def test_solve_in_the_callers_storage_only_when_told():
+    """The pipeline stacks a sub-group's weights in the solver's [in, out] layout and lets the loop work in them
+    (overwrite=True: one copy fewer at the block's peak); anyone else's weight is left as it was, whatever its layout."""
+    w, h, _, _ = make_problem(rows=64, seed=5)
+    prepared = prepare_hessian(h.float(), damp=0.01, desc_act=False)
+    kw = dict(bits=4, group_size=32, sym=True, method="foem", beta=0.2)
+    stacked = w.float().T.contiguous()  # [in, out]: its transpose is the weight, and is a free view of it
+    before = stacked.clone()
+    kept = quantize_prepared(stacked.T, prepared, **kw)
+    assert torch.equal(stacked, before)
+    spent = quantize_prepared(stacked.T, prepared, overwrite=True, **kw)
+    assert not torch.equal(stacked, before)  # the loop's updates landed in the caller's storage
+    assert torch.equal(spent.codes, kept.codes) and torch.equal(spent.scales, kept.scales)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
