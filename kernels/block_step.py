@@ -78,8 +78,8 @@ def _block_step_kernel(wt_ptr, u_ptr, w0_ptr, p_ptr, codes_ptr, serr_ptr, scales
             flat = hi == lo
             lo = tl.where(flat, -1.0, lo)
             hi = tl.where(flat, 1.0, hi)
-            scale = tl.math.div_rn(hi - lo, tl.full([TILE], MAXQ, tl.float32)).to(tl.float16).to(tl.float32)
-            scale = tl.maximum(scale, 5.960464477539063e-08)  # 2**-24, the smallest fp16 value
+            scale = tl.math.div_rn(hi - lo, tl.full([TILE], MAXQ, tl.float32))
+            scale = tl.maximum(scale, 5.960464477539063e-08)  # 2**-24, the smallest fp16 value (stored scale type)
             if SYM:
                 zero = tl.full([TILE], (MAXQ + 1) // 2, tl.float32)
             else:

@@ -4,8 +4,11 @@ Why it exists: the solver, the RTN baseline and the packer must agree on one gri
 
 What must stay true:
 - min and max always include 0, so 0.0 is exactly representable;
-- scales are rounded to fp16 *before* codes are chosen, because the checkpoint stores fp16 scales and
-  the solver must compensate the error of the weights the packed layer really computes with;
+- codes are chosen on the scale as computed (fp32 in the solver); the checkpoint stores it rounded to fp16. This is
+  what the reference implementations do (GPTQ, GPTQModel's FOEM). Choosing codes on the fp16-rounded scale instead,
+  so that the error feedback saw exactly the stored weights, cost SmolLM2-135M 4-bit FOEM ~2.5% perplexity over
+  seven calibration draws (docs/BENCHMARKS.md, "Solver or pipeline?"): each rounding flips some codes, and the
+  error feedback carries every flip into later columns, then later layers;
 - `dequantize(codes, scale, zero)` is the only way a weight is reconstructed (solver and tests share it).
 """
 
@@ -34,9 +37,8 @@ def fit_grid(columns: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor,
     flat = hi == lo  # an all-zero group: any grid works, keep it finite
     lo = torch.where(flat, -torch.ones_like(lo), lo)
     hi = torch.where(flat, torch.ones_like(hi), hi)
-    scale = ((hi - lo) / maxq).to(torch.float16).to(columns.dtype)
-    # fp16 has no value below 2**-24: a tiny group would otherwise get scale 0 and divide by it
-    scale = torch.clamp_min(scale, 2.0**-24)
+    # fp16, the checkpoint's scale type, has no value below 2**-24: a tiny group would be stored with scale 0
+    scale = torch.clamp_min((hi - lo) / maxq, 2.0**-24)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:

@@ -37,7 +37,7 @@ def oracle_grid(cols, bits, sym):
         lo = -hi
     both_zero = (lo == 0) & (hi == 0)
     lo[both_zero], hi[both_zero] = -1, 1
-    scale = ((hi - lo) / maxq).half().double()
+    scale = torch.clamp_min((hi - lo) / maxq, 2.0**-24)
     zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.clamp(torch.round(-lo / scale), 0, maxq)
     return scale, zero
 
