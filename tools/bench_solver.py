@@ -236,10 +236,10 @@ def main() -> None:
     for r in rows_out:
         lines.append(f"| {r['shape']} | {r['codes_differ']:.2%} | {r['weights_rel']:.2e} | {r['loss_lean']:.4g} / "
                      f"{r['loss_gm']:.4g} ({r['loss_rel']:+.2e}) | {r['out_rel']:+.2e} |")
-    lines += ["", "Codes differ where the two grids differ: leanfoem rounds each group's scale to fp16 before "
-              "choosing codes (the checkpoint stores fp16 scales, so it compensates the error the packed layer really "
-              "has), GPTQModel chooses codes with the fp32 scale and rounds it when packing; once a code differs, that "
-              "row's later columns follow a slightly different path. leanfoem factorises in fp64, GPTQModel in fp32."]
+    lines += ["", "Both choose codes on the fp32 group scale and store it as fp16 (leanfoem since 77ccc78; before, it "
+              "rounded the scale to fp16 first). Codes still differ where the arithmetic does: leanfoem factorises in "
+              "fp64, GPTQModel in fp32, and the two sum in other orders; once a code differs, that row's later columns "
+              "follow a slightly different path."]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
