@@ -63,6 +63,9 @@ class Architecture:
     def subgroups_of(self, branch: Branch) -> tuple[tuple[str, ...], ...]:
         return tuple(g for g in self.subgroups if all(n.startswith(branch.body + ".") for n in g))
 
+    def linears_of(self, branch: Branch) -> tuple[str, ...]:
+        return tuple(name for group in self.subgroups_of(branch) for name in group)
+
     @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.subgroups for name in group)

@@ -273,8 +273,8 @@ class QuantizeRun:
             # solve), what the previous step freed is handed back, so that it does not lie under the next step's
             # large buffers (in 16-layer runs at hidden 2048, 160-320 MiB of it had lain under the gate/up
             # solve). Only there: each hand-back costs page faults when the heap grows again.
-            peak_branch = any(block.get_submodule(group[0]).in_features == widest
-                              for group in self.arch.subgroups_of(branch))
+            linears = self.arch.linears_of(branch)
+            peak_branch = max(block.get_submodule(name).in_features for name in linears) == widest
             for group in self.arch.subgroups_of(branch):
                 prepared = None
                 if self.options.method != "rtn":  # round-to-nearest needs no statistics
@@ -287,7 +287,7 @@ class QuantizeRun:
             for stream in streams:
                 self._advance(runner, stream, branch, f"{stream.kind}-{index + 1:05d}.npy" if last
                               else f"{stream.kind}-branch{number}.npy", durable=last)
-                runner.release(stream.block, [name for group in self.arch.subgroups_of(branch) for name in group])
+                runner.release(stream.block, linears)
         tensors = {k: v for k, v in source.items() if k not in packed}
         tensors.update(packed)
         shard = shard_name(index + 1, total_shards)
@@ -315,7 +315,7 @@ class QuantizeRun:
         keep = group == (branch.output,) and self._keeps_output_input(block, branch)
         hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
         if keep:  # the body does not run again (`_advance` applies the output to the kept inputs)
-            body = [name for earlier in self.arch.subgroups_of(branch)[:-1] for name in earlier]
+            body = [name for name in self.arch.linears_of(branch) if name != branch.output]
             for stream in streams:
                 runner.release(stream.block, body)
         if hand_back:
