@@ -23,6 +23,16 @@ import scipy.linalg.blas
 import scipy.linalg.lapack
 import torch
 
+# The Gram update (_add_gram) makes no BLAS call wider than GRAM_TILE columns, and copies at most GRAM_TILE ×
+# GRAM_TILE_TOKENS input values at once (64 MiB in fp32) for a diagonal tile. 8192, not less: a hidden-8192 input
+# stays one syrk call (4096-wide tiles made its Gram update 1.5x slower, docs/BENCHMARKS.md).
+GRAM_TILE = 8192
+GRAM_TILE_TOKENS = 2048
+# The CPU factorisation hands a matrix up to FACTOR_WHOLE wide to LAPACK whole; a wider one goes by FACTOR_BLOCK
+# tiles (_factor_blocked): one 28672-wide dpotrf crashed (SIGSEGV) in scipy's multi-threaded OpenBLAS on an AVX-512
+# Xeon (tools/check_full_width.py).
+FACTOR_WHOLE = 8192
+FACTOR_BLOCK = 4096
 DAMP_CEILING = 1.0  # fraction of mean(diag H); beyond this the layer is effectively round-to-nearest
 
 
@@ -79,16 +89,37 @@ def _gram_by_syrk(total: torch.Tensor) -> bool:
 
 
 def _add_gram(total: torch.Tensor, chunk: torch.Tensor) -> None:
-    """total += chunkᵀ·chunk. On the CPU by BLAS syrk into the lower triangle only: half gemm's flops, and the
-    Hessian accumulation is a fifth of a CPU run's time (SmolLM2-135M: 17.6 of 86 s with gemm)."""
+    """total += chunkᵀ·chunk, into the lower triangle only on the CPU (`scaled()` mirrors it): half gemm's flops,
+    and the Hessian accumulation is a fifth of a CPU run's time (SmolLM2-135M: 17.6 of 86 s with gemm).
+
+    No BLAS call is wider than GRAM_TILE columns: one 28672-wide ssyrk (a 70B down_proj) kills the process with
+    SIGSEGV in scipy 1.17's multi-threaded OpenBLAS 0.3.30 on AVX-512 Xeons (24576 wide still passes there).
+    A wider Hessian goes tile by tile: the diagonal tiles by syrk, the tiles below them by torch's gemm."""
     if not _gram_by_syrk(total):
         total.addmm_(chunk.T, chunk)
         return
+    chunk = chunk.contiguous()
+    n = total.shape[0]
+    if n <= GRAM_TILE:
+        _syrk_lower(total, chunk)
+        return
+    for i0 in range(0, n, GRAM_TILE):
+        i1 = min(i0 + GRAM_TILE, n)
+        diagonal = total[i0:i1, i0:i1].contiguous()  # scipy's BLAS takes no leading dimension: a tile is copied
+        for t0 in range(0, chunk.shape[0], GRAM_TILE_TOKENS):
+            _syrk_lower(diagonal, chunk[t0:t0 + GRAM_TILE_TOKENS, i0:i1].contiguous())
+        total[i0:i1, i0:i1] = diagonal
+        if i1 < n:
+            total[i1:, i0:i1].addmm_(chunk[:, i1:].T, chunk[:, i0:i1])
+
+
+def _syrk_lower(total: torch.Tensor, chunk: torch.Tensor) -> None:
+    """total += chunkᵀ·chunk on the lower triangle of contiguous `total` by BLAS syrk, without copies: a row-major
+    [n, n] array is a column-major one transposed, so syrk's "upper" of total.T is total's lower triangle, and
+    contiguous chunk.T is a column-major [n, T] array, whose A·Aᵀ is chunkᵀ·chunk."""
     syrk = scipy.linalg.blas.dsyrk if total.dtype == torch.float64 else scipy.linalg.blas.ssyrk
-    # Row-major [n, n] is column-major transposed: syrk's "upper" of total.T is total's lower triangle, and
-    # chunk.T is a column-major [n, T] view, so syrk's A·Aᵀ is chunkᵀ·chunk, all without copies.
     out = total.numpy().T
-    result = syrk(1.0, chunk.contiguous().numpy().T, beta=1.0, c=out, trans=0, lower=0, overwrite_c=1)
+    result = syrk(1.0, chunk.numpy().T, beta=1.0, c=out, trans=0, lower=0, overwrite_c=1)
     if not np.shares_memory(result, out):
         out[...] = result
 
@@ -134,7 +165,10 @@ def inverse_upper_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool 
     mean_diag = torch.diagonal(hessian).double().mean().item()
     if mean_diag <= 0:
         raise FactorizationError("the Hessian is zero: no calibration input reached this layer")
-    factorise = _factor_lapack if hessian.device.type == "cpu" else _factor_torch
+    if hessian.device.type != "cpu":
+        factorise = _factor_torch
+    else:
+        factorise = _factor_lapack if hessian.shape[0] <= FACTOR_WHOLE else _factor_blocked
     tried = []
     for fraction in damping_schedule(damp):
         tried.append(fraction)
@@ -174,6 +208,68 @@ def _factor_lapack(hessian: torch.Tensor, damping: float, overwrite: bool):
         np.copyto(hessian.numpy(), inverse[::-1, ::-1], casting="same_kind")
         return hessian, condition
     return torch.from_numpy(np.ascontiguousarray(inverse[::-1, ::-1], dtype=np.float32)), condition
+
+
+def _factor_blocked(hessian: torch.Tensor, damping: float, overwrite: bool):
+    """CPU, wider than FACTOR_WHOLE: the same factor by FACTOR_BLOCK tiles, in place on one fp64 buffer as with LAPACK
+    (peak: that buffer, H and a few tile-sized temporaries), with no library call wider than a tile: LAPACK on the
+    diagonal tiles, torch's BLAS (MKL) for the panels and trailing updates. The same flops as potrf + trtri."""
+    n = hessian.shape[0]
+    a = torch.empty((n, n), dtype=torch.float64)
+    for start in range(0, n, FACTOR_BLOCK):  # J·H·J by row blocks: a whole flip would be an n×n temporary
+        stop = min(start + FACTOR_BLOCK, n)
+        a[start:stop] = hessian[n - stop:n - start].flip(0, 1)
+    a.diagonal().add_(damping)
+    if not _cholesky_in_place(a):
+        return None
+    diag = a.diagonal()
+    condition = (diag.max() / diag.min()).item() ** 2
+    _invert_lower_by_tiles(a)
+    out = hessian if overwrite and hessian.dtype == torch.float32 and hessian.is_contiguous() else \
+        torch.empty((n, n), dtype=torch.float32)
+    for start in range(0, n, FACTOR_BLOCK):  # U = J·M⁻¹·J
+        stop = min(start + FACTOR_BLOCK, n)
+        out[start:stop] = a[n - stop:n - start].flip(0, 1)
+    return out, condition
+
+
+def _tiles(start: int, n: int):
+    return [(i, min(i + FACTOR_BLOCK, n)) for i in range(start, n, FACTOR_BLOCK)]
+
+
+def _cholesky_in_place(a: torch.Tensor) -> bool:
+    """Right-looking blocked Cholesky: a's lower triangle becomes M with a = M·Mᵀ; its upper tiles are zeroed.
+    False when a is not positive definite."""
+    n = a.shape[0]
+    for k0, k1 in _tiles(0, n):
+        a[k0:k1, k1:] = 0
+        factor, info = scipy.linalg.lapack.dpotrf(a[k0:k1, k0:k1].numpy(), lower=1, clean=1)
+        if info != 0:
+            return False
+        diagonal = torch.from_numpy(factor)
+        a[k0:k1, k0:k1] = diagonal
+        for r0, r1 in _tiles(k1, n):  # panel: M21 = A21·M11⁻ᵀ
+            a[r0:r1, k0:k1] = torch.linalg.solve_triangular(diagonal.T, a[r0:r1, k0:k1], upper=True, left=False)
+        for i0, i1 in _tiles(k1, n):  # trailing lower tiles: A22 −= M21·M21ᵀ
+            for j0, j1 in _tiles(k1, i1):
+                a[i0:i1, j0:j1].addmm_(a[i0:i1, k0:k1], a[j0:j1, k0:k1].T, alpha=-1)
+    return True
+
+
+def _invert_lower_by_tiles(a: torch.Tensor) -> None:
+    """M ← M⁻¹ in place for a lower-triangular M with zero upper tiles, block column by block column from the right
+    (LAPACK trtri's order): the panel under a diagonal block becomes −(M22⁻¹·M21)·M11⁻¹, M22⁻¹ already in place."""
+    n = a.shape[0]
+    for j0, j1 in reversed(_tiles(0, n)):
+        diagonal = a[j0:j1, j0:j1].clone()
+        for i0, i1 in reversed(_tiles(j1, n)):  # panel ← M22⁻¹·panel, bottom up: the rows above are still unread
+            a[i0:i1, j0:j1] = a[i0:i1, j1:i1] @ a[j1:i1, j0:j1]
+        for i0, i1 in _tiles(j1, n):
+            a[i0:i1, j0:j1] = -torch.linalg.solve_triangular(diagonal, a[i0:i1, j0:j1], upper=False, left=False)
+        inverse, info = scipy.linalg.lapack.dtrtri(diagonal.numpy(), lower=1)
+        if info != 0:
+            raise FactorizationError(f"triangular inverse failed (LAPACK info {info})")
+        a[j0:j1, j0:j1] = torch.from_numpy(np.tril(inverse))
 
 
 def _factor_torch(hessian: torch.Tensor, damping: float, overwrite: bool):
