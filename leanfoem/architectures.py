@@ -83,10 +83,12 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def architecture_for(config) -> Architecture:
-    names = list(getattr(config, "architectures", None) or [])
+    """The entry of a config (a PretrainedConfig, or config.json as a dict: `plan` refuses what `quantize` does)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    names = list(get("architectures") or [])
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
-    shown = ", ".join(names) or f"model_type {getattr(config, 'model_type', '?')!r}"
+    shown = ", ".join(names) or f"model_type {get('model_type') or '?'!r}"
     raise UnsupportedArchitecture(
         f"unsupported architecture {shown}; supported: {', '.join(sorted(ARCHITECTURES))}")

@@ -1,7 +1,8 @@
 """The `leanfoem` command line: `quantize` (and, as they land, `eval`, `plan`).
 
 What must stay true: every error a user can cause ends in one line on stderr naming the cause and a
-non-zero exit code (2 for bad input, 130 when interrupted); `--debug` shows the traceback as well.
+non-zero exit code (2 for bad input, 130 when interrupted); `--debug` shows the traceback as well. A fatal
+signal from native code prints the Python stack where it happened (faulthandler).
 SIGINT/SIGTERM stop the run at the next safe point and print how to resume.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import logging
 import signal
 import sys
@@ -137,10 +139,13 @@ def add_plan_parser(sub) -> None:
 def run_plan(args) -> int:
     import json
     import os
+    from .architectures import architecture_for
     from .planner import budgets_for, format_plan, load_config, plan
     kind, gpu, host = budgets_for(args.device, args.gpu_memory, args.host_memory)
     calib_bytes = os.path.getsize(args.calib) if args.calib and os.path.isfile(args.calib) else None
-    result = plan(load_config(args.model), device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
+    config = load_config(args.model)
+    architecture_for(config)  # a plan for a model that `quantize` refuses would be a promise it breaks
+    result = plan(config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
                   alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes)
     print(format_plan(result, args.model))
@@ -190,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=logging.WARNING, format="leanfoem: %(message)s")
+    # A crash in native code (BLAS, LAPACK, a kernel) kills the process with a signal and no Python error: this
+    # prints where it happened. The journal makes the same command resume at the block that was running.
+    faulthandler.enable(file=sys.__stderr__)  # the process's own stderr, also when a caller swapped sys.stderr
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     from .pipeline import Interrupted

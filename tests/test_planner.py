@@ -122,3 +122,19 @@ def test_host_forecast_matches_a_real_cpu_run(tmp_path):
     forecast = plan(model, device="cpu", calib_bytes=DEMO_CALIB.stat().st_size, batch_tokens=4096,
                     **settings).host_peak_bytes
     assert forecast == pytest.approx(measured, rel=0.3), (forecast, measured)
+
+
+@pytest.mark.parametrize("architecture", ["BlorbForCausalLM", "DeepseekV3ForCausalLM"])
+def test_plan_refuses_what_quantize_refuses(tmp_path, capsys, architecture):
+    """No "fits: yes" for a model that `quantize` would refuse: the same one-line cause, exit 2."""
+    model = build_checkpoint(tmp_path / "model", DEMO_TOKENIZER, layers=1, hidden=64)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}))
+    capsys.readouterr()  # the factory's progress bars
+    assert main(["plan", "--model", str(model)]) == 2
+    planned = capsys.readouterr()
+    assert main(["quantize", "--model", str(model), "--out", str(tmp_path / "out")]) == 2
+    quantized = capsys.readouterr()
+    assert planned.out == ""
+    assert planned.err == quantized.err and planned.err.count("\n") == 1, planned.err
+    assert f"unsupported architecture {architecture}" in planned.err

@@ -272,3 +272,22 @@ def test_sigint_and_sigterm_stop_promptly_and_the_same_command_resumes(setup):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert_identical(reference_dir, out)
+
+
+def test_a_crash_in_native_code_says_where_and_the_same_command_resumes(setup):
+    """A fatal signal (what a BLAS crash raises) cannot be caught, but faulthandler prints the Python stack it hit;
+    the journal makes the same command resume."""
+    root, model, calib = setup
+    reference_dir, _ = reference(setup)
+    out = root / "crashed"
+    cmd = command(model, out, calib)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while blocks_done(out) < 1 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSEGV)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGSEGV, err
+    assert "Fatal Python error: Segmentation fault" in err and "leanfoem" in err.split("Segmentation fault")[1], err
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_identical(reference_dir, out)
