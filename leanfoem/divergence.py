@@ -118,7 +118,7 @@ def evaluate_divergence(model: str, reference: str, text: str, *, seqlen: int = 
     store_bytes = count * seqlen * max(source.config.hidden_size * runner.dtype.itemsize,
                                        ref.config.hidden_size * ref_runner.dtype.itemsize)
     with tempfile.TemporaryDirectory(prefix="leanfoem-kld-") as tmp:
-        spill_dir = Path(tmp) if 2 * store_bytes > spill_bytes else None
+        spill_dir = Path(tmp) if 3 * store_bytes > spill_bytes else None  # reference's + model's in and out
         ref_hidden = final_hidden_states(ref_runner, ref.gptq, ids, count, seqlen, spill_dir, batch_tokens, "ref")
         hidden = final_hidden_states(runner, source.gptq, ids, count, seqlen, spill_dir, batch_tokens, "model")
         per_window = _head_figures(ref_runner, ref, ref_hidden, runner, source, hidden, ids, count, seqlen)

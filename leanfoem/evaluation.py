@@ -10,7 +10,9 @@ RAM (wikitext-2 at 2048 tokens on a 70B: ~140 windows × 2048 × 8192 × 2 bytes
 
 What must stay true (the protocol): the text is tokenized once with the model's tokenizer and its default
 special tokens, cut into consecutive non-overlapping windows of `seqlen` tokens (the tail is dropped),
-and perplexity = exp(mean next-token NLL over all windows), each window scored on its own.
+and perplexity = exp(mean next-token NLL over all windows), each window scored on its own. The steps
+(ModelSource, final_hidden_states, load_head) are shared with `divergence.py` (`eval --reference`), which runs
+two models over the same windows by this protocol.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
     `spill_bytes`: hidden states of all windows larger than this go to a memory-mapped file in a temporary
     directory instead of host RAM (default: half of the memory available now)."""
     started = time.time()
-    source = open_model(model)
+    source = ModelSource(model)
     seqlen = source.context(seqlen)
     ids = source.token_ids(text)
     count = window_count(ids, seqlen, windows)
@@ -152,7 +154,8 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
     if spill_bytes is None:
         spill_bytes = psutil.virtual_memory().available // 2
     with tempfile.TemporaryDirectory(prefix="leanfoem-eval-") as tmp:
-        spill_dir = Path(tmp) if count * seqlen * source.config.hidden_size * runner.dtype.itemsize > spill_bytes else None
+        store_bytes = count * seqlen * source.config.hidden_size * runner.dtype.itemsize
+        spill_dir = Path(tmp) if store_bytes > spill_bytes else None
         hidden = final_hidden_states(runner, source.gptq, ids, count, seqlen, spill_dir, batch_tokens)
         nll = _head_nll(runner, source.arch, hidden, count, ids, seqlen)
         hidden.drop()
@@ -185,10 +188,6 @@ class ModelSource:
     def runner(self, device: torch.device) -> BlockRunner:
         return BlockRunner(self.config, CheckpointReader(self.model_dir), self.arch, device,
                            compute_dtype(device, self.config))
-
-
-def open_model(model: str) -> ModelSource:
-    return ModelSource(model)
 
 
 def window_count(ids: torch.Tensor, seqlen: int, windows: int | None) -> int:
