@@ -17,21 +17,21 @@ SEQLEN, WINDOWS = 64, 4
 TEXT = DEMO / "eval.txt"
 
 
-def eval_reference(model, reference, capsys, *extra):
+def eval_reference(model, reference, capsys, text=TEXT, seqlen=SEQLEN, windows=WINDOWS):
     capsys.readouterr()  # what the test itself printed (transformers' loading bars) is not the command's
-    code = main(["eval", "--model", str(model), "--reference", str(reference), "--text", str(TEXT), "--seqlen",
-                 str(SEQLEN), "--windows", str(WINDOWS), "--device", "cpu", "--json", *extra])
+    code = main(["eval", "--model", str(model), "--reference", str(reference), "--text", str(text), "--seqlen",
+                 str(seqlen), "--windows", str(windows), "--device", "cpu", "--json"])
     captured = capsys.readouterr()
     return code, (json.loads(captured.out.strip().splitlines()[-1]) if code == 0 else captured.err)
 
 
-def plain_figures(model, reference, tokenizer):
+def plain_figures(model, reference, tokenizer, text=TEXT, seqlen=SEQLEN, windows=WINDOWS):
     """Whole models in memory, fp32, full-vocabulary logits per window; the figures by their definitions."""
-    ids = torch.tensor(tokenizer(TEXT.read_text())["input_ids"])
+    ids = torch.tensor(tokenizer(text.read_text())["input_ids"])
     kl, same, p, p_ref, nll, nll_ref = [], [], [], [], [], []
     with torch.no_grad():
-        for k in range(WINDOWS):
-            window = ids[k * SEQLEN:(k + 1) * SEQLEN]
+        for k in range(windows):
+            window = ids[k * seqlen:(k + 1) * seqlen]
             logq = F.log_softmax(model(window[None]).logits[0, :-1].double(), dim=-1)
             logp = F.log_softmax(reference(window[None]).logits[0, :-1].double(), dim=-1)
             target = window[1:, None]
@@ -101,3 +101,23 @@ def test_reference_with_another_tokenizer_is_refused(tiny, tmp_path, capsys):  #
     (other / "tokenizer.json").write_text(json.dumps(tok))
     code, err = eval_reference(tiny, other, capsys)
     assert code == 2 and "tokenizes the text differently" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_quantized_smollm2_matches_plain_transformers(smollm2_dir, smollm2_w4g64, shared_data, capsys):
+    """The real SmolLM2-135M (4 bit, group 64) against its fp model on wikitext-2, 2 windows of 512 tokens."""
+    window = {"text": shared_data / "wikitext2" / "wiki.test.raw", "seqlen": 512, "windows": 2}
+    code, ours = eval_reference(smollm2_w4g64, smollm2_dir, capsys, **window)
+    assert code == 0
+    config = AutoConfig.from_pretrained(smollm2_w4g64)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dense_state_dict(smollm2_w4g64), strict=False)
+    model.tie_weights()
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    expected = plain_figures(model.eval(), reference.eval(), AutoTokenizer.from_pretrained(smollm2_dir), **window)
+    assert 0.01 < ours["kld_mean"] < 1 and 0.5 < ours["top1_agreement"] < 1
+    for name in ("kld_mean", "kld_median", "kld_p90", "kld_p99", "delta_p_abs_mean", "perplexity",
+                 "reference_perplexity"):
+        assert ours[name] == pytest.approx(expected[name], rel=5e-3), name  # the perplexity test's tolerance
+    assert ours["top1_agreement"] == pytest.approx(expected["top1_agreement"], abs=2 / ours["tokens"])
