@@ -120,8 +120,9 @@ def table(results: list[dict]) -> str:
         best = min(settings, key=mean_kld.get)
         out.append(f"**{key[0]}, {key[1]} bit, group {key[2]}** — draws {', '.join(map(str, common))}\n")
         out.append("| damp | β | KLD mean (± s.e.) | KLD 99% | top-1 agree | ppl (fp "
-                   f"{by[(*best, common[0])]['reference_perplexity']:.3f}) | KLD vs best, paired | quantize s |")
-        out.append("|---|---|---|---|---|---|---|---|")
+                   f"{by[(*best, common[0])]['reference_perplexity']:.3f}) | KLD vs best, paired | ppl vs best, paired | "
+                   "quantize s |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for s in settings:
             evals = [by[(*s, d)] for d in common]
             kld, kse = mean_se([e["kld_mean"] for e in evals])
@@ -130,12 +131,13 @@ def table(results: list[dict]) -> str:
             ppl, pse = mean_se([e["perplexity"] for e in evals])
             logs = [math.log(by[(*s, d)]["kld_mean"] / by[(*best, d)]["kld_mean"]) for d in common]
             gap, gse = mean_se(logs)
+            pgap, pgse = mean_se([math.log(by[(*s, d)]["perplexity"] / by[(*best, d)]["perplexity"]) for d in common])
             secs = statistics.fmean(r["quantize_seconds"] for r in rows if (r["damp"], r["beta"]) == s
                                     and r["draw"] in common)
             mark = "**" if s == best else ""
             out.append(f"| {mark}{s[0]:g}{mark} | {mark}{s[1]:g}{mark} | {kld:.5f} ± {kse:.5f} | {p99:.4f} | "
                        f"{top:.2%} ± {tse:.2%} | {ppl:.3f} ± {pse:.3f} | "
-                       f"{math.expm1(gap):+.1%} ± {gse:.1%} | {secs:.0f} |")
+                       f"{math.expm1(gap):+.1%} ± {gse:.1%} | {math.expm1(pgap):+.2%} ± {pgse:.2%} | {secs:.0f} |")
         out.append("")
     return "\n".join(out)
 
@@ -151,14 +153,19 @@ def render(results: list[dict], workdir: Path) -> str:
         m, example = MODELS[key], next(r for r in results if r["model"] == key)
         lines.append(f"- {key}: calibration {m['nsamples']} × {m['seqlen']} rows of `{Path(m['calib']).name}`, draw N ="
                      f" `--seed N`; KLD on `{Path(m['text']).name}`, first {m['windows']} windows of {m['eval_seqlen']}"
-                     f" tokens. Example: `{' '.join(Path(c).name if '/' in c else c for c in example['quantize_cmd'][1:])}`"
-                     f" then `{' '.join(Path(c).name if '/' in c else c for c in example['eval_cmd'][1:])}`")
+                     f" tokens. Example: `{shown(example['quantize_cmd'])}` then `{shown(example['eval_cmd'])}`")
     lines += ["", "KLD = mean per-token KL(P_fp ‖ P_q) in nats; \"KLD vs best, paired\" = mean over draws of "
-              "KLD(setting)/KLD(best setting of the table) in the same draw, − 1 (as log ratios, ± s.e.): a "
-              "difference whose paired s.e. is smaller than it is measured, not noise. Bold: lowest mean KLD.", "",
+              "KLD(setting)/KLD(best setting of the table) in the same draw, − 1 (as log ratios, ± s.e.), and the same for "
+              "perplexity: a difference several times its paired s.e. is measured, not noise. Bold: lowest mean "
+              "KLD. With 3 draws the s.e. itself is rough (2 degrees of freedom).", "",
               table(results)]
     del r0
     return "\n".join(lines)
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as the docs show it: `python`, and file paths by their names (they are named above)."""
+    return "python " + " ".join(Path(c).name if "/" in c else c for c in cmd[1:])
 
 
 def main() -> int:
