@@ -60,7 +60,7 @@ def run_name(model, bits, group, damp, beta, draw) -> str:
 
 
 def run_one(work: Path, model, bits, group, damp, beta, draw) -> dict:
-    m, out = MODELS[model], work / "ckpt"
+    m, out = MODELS[model], work / f"ckpt-{run_name(model, bits, group, damp, beta, draw)}"  # runs may go in parallel
     shutil.rmtree(out, ignore_errors=True)
     method = ["--method", "gptq"] if beta == 0 else ["--method", "foem", "--beta", f"{beta:g}"]
     quantize = [sys.executable, "-m", "leanfoem", "quantize", "--model", model_dir(model), "--out", str(out),
