@@ -96,6 +96,9 @@ def add_eval_parser(sub) -> None:
                        description="Perplexity over consecutive non-overlapping windows of a text, streamed "
                                    "block by block like quantization.")
     p.add_argument("--model", required=True, help="model directory, 'demo', or a Hugging Face repo id")
+    p.add_argument("--reference", default=None, metavar="FP_MODEL",
+                   help="the full-precision model: also report KL(P_ref || P_model) per token, top-1 agreement and "
+                        "the correct token's probability shift")
     p.add_argument("--text", default=None, help="a text file, or wikitext2 / c4 (online); default: the bundled text")
     p.add_argument("--seqlen", type=_positive_int, default=2048)
     p.add_argument("--windows", type=_positive_int, default=None, help="score only the first N windows")
@@ -107,6 +110,15 @@ def add_eval_parser(sub) -> None:
 def run_eval(args) -> int:
     from .evaluation import default_eval_text, evaluate_perplexity, format_result, load_text
     text = load_text(args.text or default_eval_text())
+    if args.reference is not None:
+        import json
+        from .divergence import evaluate_divergence, format_divergence
+        result = evaluate_divergence(args.model, args.reference, text, seqlen=args.seqlen, windows=args.windows,
+                                     device=args.device)
+        print(format_divergence(result))
+        if args.json:
+            print(json.dumps(result))
+        return 0
     result = evaluate_perplexity(args.model, text, seqlen=args.seqlen, windows=args.windows, device=args.device)
     print(format_result(result, args.json))
     return 0

@@ -10,7 +10,9 @@ RAM (wikitext-2 at 2048 tokens on a 70B: ~140 windows × 2048 × 8192 × 2 bytes
 
 What must stay true (the protocol): the text is tokenized once with the model's tokenizer and its default
 special tokens, cut into consecutive non-overlapping windows of `seqlen` tokens (the tail is dropped),
-and perplexity = exp(mean next-token NLL over all windows), each window scored on its own.
+and perplexity = exp(mean next-token NLL over all windows), each window scored on its own. The steps
+(ModelSource, final_hidden_states, load_head) are shared with `divergence.py` (`eval --reference`), which runs
+two models over the same windows by this protocol.
 """
 
 from __future__ import annotations
@@ -143,54 +145,85 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
     `spill_bytes`: hidden states of all windows larger than this go to a memory-mapped file in a temporary
     directory instead of host RAM (default: half of the memory available now)."""
     started = time.time()
-    model_dir = resolve_model_dir(model)
-    config = AutoConfig.from_pretrained(model_dir)
-    gptq = gptq_settings(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the skeleton is built dense; blocks are dequantized as they load
-    arch = architecture_for(config)
-    seqlen = min(seqlen, getattr(config, "max_position_embeddings", None) or seqlen)  # windows fit the context
-    ids = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"], dtype=torch.long)
-    available = ids.numel() // seqlen
-    if available < 1:
-        raise CheckpointError(f"evaluation text too short: {ids.numel()} tokens, one window needs {seqlen}")
-    count = available if windows is None else min(windows, available)
+    source = ModelSource(model)
+    seqlen = source.context(seqlen)
+    ids = source.token_ids(text)
+    count = window_count(ids, seqlen, windows)
     torch_device = resolve_device(device)
-    dtype = compute_dtype(torch_device, config)
-    runner = BlockRunner(config, CheckpointReader(model_dir), arch, torch_device, dtype)
-    total_bytes = count * seqlen * config.hidden_size * dtype.itemsize
+    runner = source.runner(torch_device)
     if spill_bytes is None:
         spill_bytes = psutil.virtual_memory().available // 2
     with tempfile.TemporaryDirectory(prefix="leanfoem-eval-") as tmp:
-        spill_dir = Path(tmp) if total_bytes > spill_bytes else None
-        hidden = _HiddenStates(count, seqlen, config.hidden_size, dtype, spill_dir, "inputs-00000")
-        for k in range(count):
-            hidden.put(k, runner.block_inputs(ids[k * seqlen:(k + 1) * seqlen])[0])
-        hidden.seal()
-        runner.release_embedding()
-        per_batch = max(1, batch_tokens // seqlen)
-        for index in range(runner.num_blocks):  # every window through block i before block i+1: one load per block
-            block = runner.load(index, dense_tensors(runner.source_tensors(index), gptq))
-            outputs = _HiddenStates(count, seqlen, config.hidden_size, dtype, spill_dir, f"inputs-{index + 1:05d}")
-            for k in range(0, count, per_batch):
-                batch = torch.stack([hidden.get(j) for j in range(k, min(k + per_batch, count))])
-                for j, row in enumerate(runner.forward(block, batch.to(device=torch_device, dtype=dtype))):
-                    outputs.put(k + j, row)
-            outputs.seal()
-            hidden.drop()
-            hidden = outputs
-            runner.unload(index)
-        nll = _head_nll(runner, arch, hidden, count, ids, seqlen)
+        store_bytes = count * seqlen * source.config.hidden_size * runner.dtype.itemsize
+        spill_dir = Path(tmp) if store_bytes > spill_bytes else None
+        hidden = final_hidden_states(runner, source.gptq, ids, count, seqlen, spill_dir, batch_tokens)
+        nll = _head_nll(runner, source.arch, hidden, count, ids, seqlen)
         hidden.drop()
     tokens = count * (seqlen - 1)
     return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens, "windows": count,
-            "seqlen": seqlen, "seconds": round(time.time() - started, 3), "model": str(model_dir),
-            "quantized": gptq is not None, "device": str(torch_device), "spilled": spill_dir is not None}
+            "seqlen": seqlen, "seconds": round(time.time() - started, 3), "model": str(source.model_dir),
+            "quantized": source.gptq is not None, "device": str(torch_device), "spilled": spill_dir is not None}
 
 
-def _head_nll(runner: BlockRunner, arch, hidden: _HiddenStates, count: int, ids, seqlen) -> float:
-    """Σ next-token NLL over all windows: final norm, then the lm_head in vocab chunks (log-sum-exp), fp32 logits
-    of one chunk at a time; the head stays on the device in the compute dtype (tied: the embedding)."""
+class ModelSource:
+    """A checkpoint opened for evaluation: its directory, config (the skeleton is built dense), GPTQ settings
+    (None for a full-precision one) and architecture entry."""
+
+    def __init__(self, model: str):
+        self.model_dir = resolve_model_dir(model)
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.gptq = gptq_settings(self.config)
+        if hasattr(self.config, "quantization_config"):
+            del self.config.quantization_config  # the skeleton is built dense; blocks are dequantized as they load
+        self.arch = architecture_for(self.config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+
+    def context(self, seqlen: int) -> int:
+        """`seqlen` capped at the model's context: windows fit it."""
+        return min(seqlen, getattr(self.config, "max_position_embeddings", None) or seqlen)
+
+    def token_ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+
+    def runner(self, device: torch.device) -> BlockRunner:
+        return BlockRunner(self.config, CheckpointReader(self.model_dir), self.arch, device,
+                           compute_dtype(device, self.config))
+
+
+def window_count(ids: torch.Tensor, seqlen: int, windows: int | None) -> int:
+    available = ids.numel() // seqlen
+    if available < 1:
+        raise CheckpointError(f"evaluation text too short: {ids.numel()} tokens, one window needs {seqlen}")
+    return available if windows is None else min(windows, available)
+
+
+def final_hidden_states(runner: BlockRunner, gptq: dict | None, ids: torch.Tensor, count: int, seqlen: int,
+                        spill_dir: Path | None, batch_tokens: int, name: str = "inputs") -> _HiddenStates:
+    """The hidden states of every window after the last block (before the final norm): every window through
+    block i before block i+1, so each block is read and loaded once."""
+    hidden_size, dtype, device = runner.config.hidden_size, runner.dtype, runner.device
+    hidden = _HiddenStates(count, seqlen, hidden_size, dtype, spill_dir, f"{name}-00000")
+    for k in range(count):
+        hidden.put(k, runner.block_inputs(ids[k * seqlen:(k + 1) * seqlen])[0])
+    hidden.seal()
+    runner.release_embedding()
+    per_batch = max(1, batch_tokens // seqlen)
+    for index in range(runner.num_blocks):
+        block = runner.load(index, dense_tensors(runner.source_tensors(index), gptq))
+        outputs = _HiddenStates(count, seqlen, hidden_size, dtype, spill_dir, f"{name}-{index + 1:05d}")
+        for k in range(0, count, per_batch):
+            batch = torch.stack([hidden.get(j) for j in range(k, min(k + per_batch, count))])
+            for j, row in enumerate(runner.forward(block, batch.to(device=device, dtype=dtype))):
+                outputs.put(k + j, row)
+        outputs.seal()
+        hidden.drop()
+        hidden = outputs
+        runner.unload(index)
+    return hidden
+
+
+def load_head(runner: BlockRunner, arch) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The final norm and the lm_head weight on the device in the compute dtype (tied: the embedding)."""
     reader, model = runner.reader, runner.model
     norm = model.get_submodule(arch.final_norm)
     for name, _ in list(norm.named_parameters()):
@@ -200,6 +233,13 @@ def _head_nll(runner: BlockRunner, arch, hidden: _HiddenStates, count: int, ids,
     head = reader.tensor(head_name) if head_name in reader else runner.embed_weight()
     head = head.to(device=runner.device, dtype=runner.dtype)
     runner.release_embedding()
+    return norm, head
+
+
+def _head_nll(runner: BlockRunner, arch, hidden: _HiddenStates, count: int, ids, seqlen) -> float:
+    """Σ next-token NLL over all windows: final norm, then the lm_head in vocab chunks (log-sum-exp), fp32 logits
+    of one chunk at a time."""
+    norm, head = load_head(runner, arch)
     total = 0.0
     with torch.no_grad():
         for k in range(count):

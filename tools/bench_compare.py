@@ -1,4 +1,5 @@
-"""leanfoem's quantizers against GPTQModel and bitsandbytes NF4: wikitext-2 perplexity, wall time, peak RSS.
+"""leanfoem's quantizers against GPTQModel and bitsandbytes NF4: wikitext-2 perplexity, KL divergence against the
+fp model and top-1 agreement, wall time, peak RSS.
 
     python tools/bench_compare.py [--models smollm2,demo] [--bits 3,4] [--runs NAME,...]
                                   [--eval-windows N] [--eval-seqlen 2048] [--write-docs | --docs-only]
@@ -22,10 +23,12 @@ mean(diag H) in both tools; symmetric; no act-order (and no GAR: see tools/peers
 Each quantization runs in its own process, one after the other; wall time is the child's, peak RSS its
 ru_maxrss (os.wait4). GPTQModel compiles a C++ pack kernel on its first run (+~30 s, and the compiler's RSS
 would count as the child's): an untimed warm-up run on the demo model builds it into the scratch dir first.
-Perplexity: `leanfoem eval` on every GPTQ output (wikitext-2 test by default, `--eval-seqlen` tokens a window,
-capped at the model's context, first `--eval-windows` windows or all). bitsandbytes NF4 cannot be saved as
-GPTQ: its perplexity is computed in-process with transformers by the same protocol (tools/peers.py ppl), and
-so is the fp model's, next to `leanfoem eval`'s, as a check that the two protocols agree.
+Perplexity and KLD: `leanfoem eval --reference FP` on every GPTQ output (wikitext-2 test by default, `--eval-seqlen`
+tokens a window, capped at the model's context, first `--eval-windows` windows or all): both perplexities, mean and
+99% per-token KL(P_fp ‖ P_q), the share of tokens whose top-1 token agrees. bitsandbytes NF4 cannot be saved as
+GPTQ: its figures are computed in-process with transformers by the same protocol, full-vocabulary logits of both
+models (tools/peers.py ppl --reference), and so is the fp model's perplexity, next to `leanfoem eval`'s, as a check
+that the two protocols agree.
 
 Results are cached, one JSON file a run, in WORKDIR/<model>/results/: a rerun skips what is finished (the
 benchmark survives being interrupted; an interrupted run is redone from the start). A cached quantization is
@@ -129,6 +132,7 @@ RUNS = {r.name: r for r in [
     Run("gptqmodel-foem-gptaq", "gptqmodel", "GPTQModel FOEM+GPTAQ", "foem", alpha=0.25, beta=0.2, default=False),
     Run("gptqmodel-gptq-gar", "gptqmodel", "GPTQModel GPTQ (GAR)", "gptq", gar=True, default=False),
 ]}
+KLD_KEY = "kld"  # evaluations against the fp reference (older caches without KLD are evaluated again)
 FP = "fp"  # the unquantized model: `leanfoem eval` and the in-process transformers perplexity
 
 
@@ -218,8 +222,10 @@ class Bench:
         if self._versions is None:
             code = ("import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
                     "('gptqmodel', 'bitsandbytes', 'transformers', 'torch', 'optimum')}))")
-            out = subprocess.run([self.ref, "-c", code], capture_output=True, text=True, check=True)
-            peer = json.loads(out.stdout.strip().splitlines()[-1])
+            peer = {}
+            if Path(self.ref).exists():  # leanfoem's rows run without the peers' venv
+                out = subprocess.run([self.ref, "-c", code], capture_output=True, text=True, check=True)
+                peer = json.loads(out.stdout.strip().splitlines()[-1])
             code = "import json, leanfoem, transformers, torch; print(json.dumps({'leanfoem': leanfoem.__version__, " \
                    "'transformers': transformers.__version__, 'torch': torch.__version__}))"
             out = subprocess.run([self.python, "-c", code], capture_output=True, text=True, check=True,
@@ -254,7 +260,12 @@ class Bench:
     def eval_key(self, model: Model) -> str:
         text = self.eval_text(model)
         digest = hashlib.sha256(text.read_bytes()).hexdigest()[:12]
-        return f"{text.name}:{digest}:seqlen{self.args.eval_seqlen}:windows{self.args.eval_windows or 'all'}"
+        return (f"{text.name}:{digest}:seqlen{self.args.eval_seqlen}:windows{self.args.eval_windows or 'all'}"
+                f":{KLD_KEY}")
+
+    def fp_key(self, model: Model) -> str:
+        """The fp model's evaluations are perplexity only (its KLD against itself is 0 by definition)."""
+        return self.eval_key(model).removesuffix(f":{KLD_KEY}")
 
     # ------------------------------------------------------------------ runs
 
@@ -327,22 +338,26 @@ class Bench:
             print(f"[{model.key} w{bits}] {run.name}: {measured['seconds']:.1f} s, "
                   f"{measured['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
         evaluate = self.transformers_eval if run.tool == "bnb" else self.leanfoem_eval  # NF4 is no GPTQ checkpoint
-        result["evals"][key] = evaluate(model, out, f"w{bits}-{run.name}")
+        result["evals"][key] = evaluate(model, out, f"w{bits}-{run.name}", reference=self.model_dir(model))
         self.save(path, result)
         print(f"[{model.key} w{bits}] {run.name}: ppl {result['evals'][key]['perplexity']:.4f}", flush=True)
 
-    def leanfoem_eval(self, model: Model, checkpoint: Path, tag: str) -> dict:
+    def leanfoem_eval(self, model: Model, checkpoint: Path, tag: str, reference: Path | None = None) -> dict:
         cmd = [self.python, "-m", "leanfoem", "eval", "--model", str(checkpoint), "--text", str(self.eval_text(model)),
                "--seqlen", str(self.args.eval_seqlen), "--device", "cpu", "--json"]
+        if reference is not None:
+            cmd += ["--reference", str(reference)]
         if self.args.eval_windows:
             cmd += ["--windows", str(self.args.eval_windows)]
         print(f"[{model.key}] {tag}: leanfoem eval ...", flush=True)
         measured = run_measured(cmd, self.work / model.key / "logs" / f"{tag}-eval", self.env_leanfoem, ROOT)
         return dict(measured["json"], cmd=cmd, wall_seconds=measured["seconds"], bench=self.invocation)
 
-    def transformers_eval(self, model: Model, checkpoint: Path, tag: str) -> dict:
+    def transformers_eval(self, model: Model, checkpoint: Path, tag: str, reference: Path | None = None) -> dict:
         cmd = [self.ref, str(PEERS), "ppl", "--model", str(checkpoint), "--text", str(self.eval_text(model)),
                "--seqlen", str(self.args.eval_seqlen)]
+        if reference is not None:
+            cmd += ["--reference", str(reference)]
         if self.args.eval_windows:
             cmd += ["--windows", str(self.args.eval_windows)]
         print(f"[{model.key}] {tag}: transformers perplexity ...", flush=True)
@@ -356,7 +371,7 @@ class Bench:
         result = self.load(path)
         if result is None or result.get("settings") != settings:
             result = {"settings": settings, "evals": {}, "transformers_evals": {}, "bench": self.invocation}
-        key = self.eval_key(model)
+        key = self.fp_key(model)
         if key not in result["evals"]:
             result["evals"][key] = self.leanfoem_eval(model, self.model_dir(model), FP)
             self.save(path, result)
@@ -379,13 +394,13 @@ class Bench:
     # ------------------------------------------------------------------ docs
 
     def section(self, model: Model, bits_list: list[int]) -> str | None:
-        key = self.eval_key(model)
+        key, fkey = self.eval_key(model), self.fp_key(model)
         fp = self.load(self.result_path(model, FP, None)) or {}
-        fp_ppl = fp.get("evals", {}).get(key, {}).get("perplexity")
-        fp_tf = fp.get("transformers_evals", {}).get(key, {}).get("perplexity")
+        fp_ppl = fp.get("evals", {}).get(fkey, {}).get("perplexity")
+        fp_tf = fp.get("transformers_evals", {}).get(fkey, {}).get("perplexity")
         tables, commands, benches, loads, versions, commits = [], [], set(), [], None, set()
         eval_example, windows_seen = None, set()
-        for e in (fp.get("evals", {}).get(key), fp.get("transformers_evals", {}).get(key)):
+        for e in (fp.get("evals", {}).get(fkey), fp.get("transformers_evals", {}).get(fkey)):
             if e:
                 benches.add(e.get("bench"))
         for bits in bits_list:
@@ -413,12 +428,13 @@ class Bench:
                 return results[name]["evals"].get(key, {}).get("perplexity") if name in results else None
 
             lines = [f"| fp (bf16 weights, fp32 compute) | – | – | – | "
-                     f"{f'{fp_ppl:.3f}' if fp_ppl else '–'} | – |"]
+                     f"{f'{fp_ppl:.3f}' if fp_ppl else '–'} | – | 0 | 0 | 100% |"]
             for name, r in results.items():
                 q, p = r["quantize"], ppl(name)
                 delta = f"{(p / fp_ppl - 1) * 100:+.1f}%" if p and fp_ppl else "–"
                 lines.append(f"| {RUNS[name].label} | {RUNS[name].settings()} | {q['seconds']:.1f} | "
-                             f"{q['peak_rss_bytes'] / 2**30:.2f} | {f'{p:.3f}' if p else '–'} | {delta} |")
+                             f"{q['peak_rss_bytes'] / 2**30:.2f} | {f'{p:.3f}' if p else '–'} | {delta} | "
+                             f"{kld_cells(results[name]['evals'].get(key, {}))} |")
             ratios = []
             for name, r in results.items():
                 peer = RUNS[name].peer
@@ -430,7 +446,8 @@ class Bench:
                                   f"**{ours['seconds'] / theirs['seconds']:.2f}×**, peak RSS "
                                   f"**{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}×**{ptxt}")
             tables.append(f"**{bits} bit**, group {model.group_size}, sym\n\n"
-                          "| run | settings | wall time (s) | peak RSS (GiB) | ppl | vs fp |\n|---|---|---|---|---|---|\n"
+                          "| run | settings | wall time (s) | peak RSS (GiB) | ppl | vs fp | KLD mean | KLD 99% | top-1 agree |\n"
+                          "|---|---|---|---|---|---|---|---|---|\n"
                           + "\n".join(lines) + ("\n\nleanfoem / peer:\n" + "\n".join(ratios) if ratios else ""))
         if not tables:
             return None
@@ -473,6 +490,13 @@ checkpoint (NF4: transformers in-process, same protocol), {shown([str(text)])}: 
             if self.args.write_docs or self.args.docs_only:
                 title = f"Quantizers compared on {'SmolLM2-135M' if model.key == 'smollm2' else 'the demo model'}"
                 replace_section(ROOT / "docs" / "BENCHMARKS.md", title, body)
+
+
+def kld_cells(e: dict) -> str:
+    """KLD mean, KLD 99% and top-1 agreement of one evaluation, as table cells ('–' where not measured)."""
+    if "kld_mean" not in e:
+        return "– | – | –"
+    return f"{e['kld_mean']:.4f} | {e['kld_p99']:.3f} | {e['top1_agreement']:.2%}"
 
 
 def shown(cmd: list[str]) -> str:

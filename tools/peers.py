@@ -4,7 +4,8 @@ bitsandbytes): nothing here imports leanfoem, so a peer's wall time and peak RSS
     REF/bin/python tools/peers.py gptqmodel --model DIR --rows rows.jsonl --out DIR --bits 4 --group-size 64 \\
         --method foem --alpha 0 --beta 0.2 --damp 0.05 [--gar]
     REF/bin/python tools/peers.py bnb-nf4 --model DIR --out DIR
-    REF/bin/python tools/peers.py ppl --model DIR --text wiki.test.raw --seqlen 2048 [--windows N] [--nf4]
+    REF/bin/python tools/peers.py ppl --model DIR --text wiki.test.raw --seqlen 2048 [--windows N] [--nf4] \
+        [--reference FP_DIR]
 
 `gptqmodel`: the rows are token ids (one JSON object with "input_ids" a line), the very rows leanfoem gets.
 `--dtype float32` runs the layers in fp32 as leanfoem does on the CPU; GPTQModel's own choice there is bf16,
@@ -20,6 +21,9 @@ run the same algorithm.
 whole text tokenized once with the model's tokenizer and its default special tokens, consecutive
 non-overlapping windows of seqlen tokens (capped at max_position_embeddings, the tail dropped), each window
 scored on its own, perplexity = exp(mean next-token NLL), fp32 logits. The last line of stdout is JSON.
+With `--reference`, the figures of `leanfoem eval --reference` (leanfoem/divergence.py) from the full-vocabulary
+logits of both models held whole (fine for the small models benchmarked here): per-token KL(P_ref ‖ P_model)
+in fp64, its mean and quantiles (numpy's linear interpolation), top-1 agreement, the correct token's |Δp|.
 """
 
 from __future__ import annotations
@@ -90,17 +94,46 @@ def perplexity(args) -> dict:
         count = min(count, args.windows)
     if count < 1:
         raise SystemExit(f"evaluation text too short: {ids.numel()} tokens, one window needs {seqlen}")
-    total = 0.0
+    reference = None
+    if args.reference:
+        reference = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32, device_map="cpu").eval()
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise SystemExit("the reference has another vocabulary size")
+    total, figures = 0.0, []
     with torch.no_grad():
         for k in range(count):
             window = ids[k * seqlen:(k + 1) * seqlen]
             logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()
             total += F.cross_entropy(logits, window[1:], reduction="sum").double().item()
+            if reference is not None:
+                ref_logits = reference(input_ids=window[None], use_cache=False).logits[0, :-1].float()
+                figures.append(token_figures(ref_logits, logits, window[1:]))
     tokens = count * (seqlen - 1)
     linear4bit = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-    return {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens, "windows": count,
+    extra = divergence_summary(figures) if figures else {}
+    return {**extra, "perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens, "windows": count,
             "seqlen": seqlen, "seconds": round(time.time() - started, 3), "model": args.model,
             "nf4": args.nf4, "linear4bit_modules": linear4bit}
+
+
+def token_figures(ref_logits, logits, targets) -> dict:
+    import torch.nn.functional as F
+    logp, logq = F.log_softmax(ref_logits.double(), dim=-1), F.log_softmax(logits.double(), dim=-1)
+    t = targets[:, None]
+    return {"kl": (logp.exp() * (logp - logq)).sum(-1), "same": logp.argmax(-1) == logq.argmax(-1),
+            "dp": logq.gather(1, t).exp()[:, 0] - logp.gather(1, t).exp()[:, 0], "nll_ref": -logp.gather(1, t)[:, 0]}
+
+
+def divergence_summary(figures: list[dict]) -> dict:
+    import numpy as np
+    import torch
+    cat = {k: torch.cat([f[k] for f in figures]) for k in figures[0]}
+    kl = cat["kl"].numpy()
+    return {"reference_perplexity": math.exp(cat["nll_ref"].mean().item()), "kld_mean": float(kl.mean()),
+            **{f"kld_{n}": float(np.quantile(kl, q)) for n, q in
+               (("median", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999))},
+            "kld_max": float(kl.max()), "top1_agreement": cat["same"].double().mean().item(),
+            "delta_p_abs_mean": cat["dp"].abs().mean().item(), "delta_p_mean": cat["dp"].mean().item()}
 
 
 def main() -> None:
@@ -131,6 +164,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--nf4", action="store_true", help="load with bitsandbytes NF4 (BitsAndBytesConfig) first")
+    p.add_argument("--reference", default=None, help="fp model: also KL divergence and top-1 agreement against it")
     p.set_defaults(handler=perplexity)
     args = parser.parse_args()
     print(json.dumps(args.handler(args)))
