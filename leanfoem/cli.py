@@ -195,11 +195,6 @@ def _safetensors_error() -> type:
     return SafetensorError
 
 
-def _on_signal(signum, frame):
-    from .pipeline import StopSignal
-    StopSignal.requested = True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -210,9 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     # A crash in native code (BLAS, LAPACK, a kernel) kills the process with a signal and no Python error: this
     # prints where it happened. The journal makes the same command resume at the block that was running.
     faulthandler.enable(file=sys.__stderr__)  # the process's own stderr, also when a caller swapped sys.stderr
+    try:  # the handlers below need the pipeline imported: a signal while it loads must not find it half-made
+        from .pipeline import Interrupted, StopSignal
+    except KeyboardInterrupt:
+        print("leanfoem: interrupted before it started; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    def on_signal(signum, frame):
+        StopSignal.requested = True
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
-    from .pipeline import Interrupted
+        signal.signal(sig, on_signal)
     try:
         return args.handler(args)
     except Interrupted:
