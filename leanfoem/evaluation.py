@@ -27,7 +27,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoTokenizer
 
 from .activations import ActivationReader, ActivationWriter
-from .architectures import architecture_for
+from .architectures import architecture_for, scale_logits
 from .blocks import BlockRunner
 from .checkpoint_reader import CheckpointError, CheckpointReader
 from .models import resolve_model_dir
@@ -174,7 +174,7 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
             outputs = _HiddenStates(count, seqlen, config.hidden_size, dtype, spill_dir, f"inputs-{index + 1:05d}")
             for k in range(0, count, per_batch):
                 batch = torch.stack([hidden.get(j) for j in range(k, min(k + per_batch, count))])
-                for j, row in enumerate(runner.forward(block, batch.to(device=torch_device, dtype=dtype))):
+                for j, row in enumerate(runner.forward(block, index, batch.to(device=torch_device, dtype=dtype))):
                     outputs.put(k + j, row)
             outputs.seal()
             hidden.drop()
@@ -188,28 +188,42 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
             "quantized": gptq is not None, "device": str(torch_device), "spilled": spill_dir is not None}
 
 
+class Head:
+    """The model's head after the last block: final norm, lm_head (tied: the embedding), the family's logit scaling
+    (`architectures.scale_logits`), one vocab chunk of fp32 logits at a time; on the device in the compute dtype."""
+
+    def __init__(self, runner: BlockRunner, arch):
+        reader, self.config, self.device, self.dtype = runner.reader, runner.config, runner.device, runner.dtype
+        self.norm = runner.model.get_submodule(arch.final_norm)
+        for name, _ in list(self.norm.named_parameters()):
+            set_module_tensor_to_device(self.norm, name, self.device, value=reader.tensor(f"{arch.final_norm}.{name}"),
+                                        dtype=self.dtype)
+        head_name = f"{arch.lm_head}.weight"
+        head = reader.tensor(head_name) if head_name in reader else runner.embed_weight()
+        self.weight = head.to(device=self.device, dtype=self.dtype)
+        runner.release_embedding()
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.norm(hidden.to(device=self.device, dtype=self.dtype)).float()
+
+    def chunks(self, x: torch.Tensor):
+        """(first vocab id, fp32 logits) per vocab chunk of the normed hidden states `x`."""
+        for v0 in range(0, self.weight.shape[0], VOCAB_CHUNK):
+            yield v0, scale_logits(self.config, x @ self.weight[v0:v0 + VOCAB_CHUNK].float().T)
+
+
 def _head_nll(runner: BlockRunner, arch, hidden: _HiddenStates, count: int, ids, seqlen) -> float:
-    """Σ next-token NLL over all windows: final norm, then the lm_head in vocab chunks (log-sum-exp), fp32 logits
-    of one chunk at a time; the head stays on the device in the compute dtype (tied: the embedding)."""
-    reader, model = runner.reader, runner.model
-    norm = model.get_submodule(arch.final_norm)
-    for name, _ in list(norm.named_parameters()):
-        set_module_tensor_to_device(norm, name, runner.device, value=reader.tensor(f"{arch.final_norm}.{name}"),
-                                    dtype=runner.dtype)
-    head_name = f"{arch.lm_head}.weight"
-    head = reader.tensor(head_name) if head_name in reader else runner.embed_weight()
-    head = head.to(device=runner.device, dtype=runner.dtype)
-    runner.release_embedding()
+    """Σ next-token NLL over all windows, the logits reduced chunk by chunk (log-sum-exp)."""
+    head = Head(runner, arch)
     total = 0.0
     with torch.no_grad():
         for k in range(count):
-            h = hidden.get(k).to(device=runner.device, dtype=runner.dtype)
-            x = norm(h).float()[:-1]
+            x = head.normed(hidden.get(k))[:-1]
             targets = ids[k * seqlen + 1:(k + 1) * seqlen].to(runner.device)
             lse = torch.full((x.shape[0],), -math.inf, device=runner.device)
             target_logit = torch.empty_like(lse)
-            for v0 in range(0, head.shape[0], VOCAB_CHUNK):
-                logits = x @ head[v0:v0 + VOCAB_CHUNK].float().T
+            for v0, logits in head.chunks(x):
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
                 inside = (targets >= v0) & (targets < v0 + logits.shape[1])
                 target_logit[inside] = logits[inside, targets[inside] - v0]
