@@ -49,14 +49,15 @@ _EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_n
 
 
 def architecture_for(config) -> Architecture:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoModelForCausalLM
 
     names = list(getattr(config, "architectures", None) or [])
     shown = ", ".join(names) or f"model_type {getattr(config, 'model_type', '?')!r}"
-    known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not set(names) & known:
-        raise UnsupportedArchitecture(f"unsupported architecture {shown}: not a decoder-only causal LM that this "
-                                      "transformers builds")
+    mapping = AutoModelForCausalLM._model_mapping  # what transformers (or a caller's register()) can build
+    built = mapping[type(config)].__name__ if type(config) in mapping else None
+    if built is None or (names and built not in names):
+        raise UnsupportedArchitecture(f"unsupported architecture {shown}: not a causal LM that transformers "
+                                      f"builds from model_type {getattr(config, 'model_type', '?')!r}")
     if any(getattr(config, field, None) for field in _EXPERT_FIELDS):
         raise UnsupportedArchitecture(f"unsupported architecture {shown}: mixture-of-experts blocks are not "
                                       "supported yet")
