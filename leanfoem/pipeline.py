@@ -326,11 +326,13 @@ class QuantizeRun:
 
     def _keeps_output_input(self, block, branch) -> bool:
         """Whether the pass over the branch's output linear keeps its inputs in a work file, so the branch output
-        is one matmul instead of a forward. Always when that file is no larger than an activation store (o_proj);
+        is one matmul (and the branch's later calls: post norms) instead of a forward; only where the derived
+        structure found such an output linear (`structure.Branch.output`). Always when that file is no larger than an activation store (o_proj);
         a down_proj's inputs (3.5× wider) when the planner says so: on the CPU, where the file stays in RAM and
         the gate/up forward it saves is the dearer side (SmolLM2-135M: ~15% of the run); not on CUDA."""
-        return branch.output is not None and (block.get_submodule(branch.output).in_features <= self.config.hidden_size
-                                              or self.plan.keeps_mlp_inputs)
+        if branch.output is None:
+            return False
+        return block.get_submodule(branch.output).in_features <= self.config.hidden_size or self.plan.keeps_mlp_inputs
 
     def _open_inputs(self, entry: dict, verify: bool) -> ActivationReader:
         path = self.work / entry["file"]
@@ -359,7 +361,8 @@ class QuantizeRun:
         writers = [self._writer(f"{s.kind}-kept.npy", width) for s in streams] if keep else []
         try:
             for batches in zip(*(self._batches(s.hidden) for s in streams)):
-                xs = [runner.input_of(s.block, s.index, branch, module_name, batch) for s, (_, batch) in zip(streams, batches)]
+                xs = [runner.input_of(s.block, s.index, branch, module_name, batch)
+                      for s, (_, batch) in zip(streams, batches)]
                 acc.add_batch(xs[0], xs[1] if self.gptaq else None)
                 for writer, x in zip(writers, xs):
                     for row in x:
