@@ -81,8 +81,12 @@ class BlockRunner:
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=arch.attention)
         self.model.eval()
         base_name, _, _ = arch.layers.rpartition(".")
-        self.base = self.model.get_submodule(base_name)
-        self.layers = self.model.get_submodule(arch.layers)
+        try:
+            self.base = self.model.get_submodule(base_name)
+            self.layers = self.model.get_submodule(arch.layers)
+        except AttributeError:
+            raise StructureError(f"unsupported architecture {type(self.model).__name__}: its decoder layers are not "
+                                 f"at {arch.layers} (an override in architectures.py can say where)") from None
         for module in self.base.children():  # buffers outside the blocks (rotary inv_freq, embed scale) stay real
             if module is not self.layers:
                 for name, buffer in module.named_buffers():

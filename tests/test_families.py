@@ -185,3 +185,4 @@ def test_a_layer_that_applies_a_linear_twice_is_refused(tmp_path, tokenizer_dir,
     assert code == 2 and len(err) == 1
     assert "linear self_attn.o_proj runs 2 times" in err[0]
     assert not list((tmp_path / "out").glob("model-*.safetensors"))
+
