@@ -7,9 +7,10 @@ a real calibration row with hooks on every `nn.Linear` and on every child of the
   the order of their first use;
 - a residual branch is a chain of the layer's children, each called on the previous one's output, whose result
   is added to the hidden state: h <- h + chain(h), checked on the traced tensors bit for bit. Pre-norms
-  (Llama), sandwich norms (Gemma), post-norms (OLMo 2) and dropouts (Phi-3) are all such chains. Where a layer is
-  not a sequence of such branches (parallel attention and MLP, a residual multiplier), the whole layer is one
-  branch: correct, and slower (each sub-group's pass runs the layer up to it);
+  (Llama), sandwich norms (Gemma), post-norms (OLMo 2) and dropouts (Phi-3) are all such chains; a residual
+  multiplier (h <- h + m * chain(h), m a float attribute of the layer) is found the same way. Where a layer is not
+  a sequence of such branches (parallel attention and MLP), the whole layer is one branch: correct, and slower
+  (each sub-group's pass runs the layer up to it);
 - a branch whose chain returns a linear's output unchanged, up to the chain's later calls (post norms), can form
   its output from that linear's kept inputs: one matmul instead of a forward (the o_proj/down_proj shortcut).
 
@@ -51,12 +52,17 @@ class Call:
 
 @dataclass(frozen=True)
 class Branch:
-    """h <- h + chain(h) over `calls`; no calls: h <- layer(h), the whole layer. `output` is the linear whose output
-    `calls[-1 - tail]` returns unchanged (None: no shortcut); the `tail` calls after it are applied to it."""
+    """h <- h + chain(h) over `calls` (times `scale`, a float attribute of the layer, where it has one); no calls:
+    h <- layer(h), the whole layer. `output` is the linear whose output `calls[-1 - tail]` returns unchanged (None: no
+    shortcut); the `tail` calls after it are applied to it."""
     calls: tuple[Call, ...]
     subgroups: tuple[tuple[str, ...], ...]
     output: str | None = None
     tail: int = 0
+    scale: float | None = None
+
+    def add(self, hidden, out):
+        return hidden + (out if self.scale is None else out * self.scale)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -105,7 +111,7 @@ def run_chain(block, branch: Branch, hidden, layer_kwargs: dict, calls=None):
 
 def branch_output(block, branch: Branch, hidden, layer_kwargs: dict):
     out = run_chain(block, branch, hidden, layer_kwargs)
-    return hidden + out if branch.calls else out
+    return branch.add(hidden, out) if branch.calls else out
 
 
 def output_from_kept(block, branch: Branch, hidden, kept, layer_kwargs: dict):
@@ -114,7 +120,7 @@ def output_from_kept(block, branch: Branch, hidden, kept, layer_kwargs: dict):
         x = block.get_submodule(branch.output)(kept)
         for call in branch.calls[len(branch.calls) - branch.tail:]:
             x = _call(block, call, x, layer_kwargs)
-    return hidden + x
+    return branch.add(hidden, x)
 
 
 def input_of(block, branch: Branch, module_name: str, hidden, layer_kwargs: dict):
@@ -238,9 +244,18 @@ def _input_tensor(args, kwargs):
     return args[0] if args else kwargs.get("hidden_states")
 
 
-def _branches(trace: _Trace, hidden, layer_kwargs) -> list[tuple[tuple[Call, ...], int, int, object, int]] | None:
-    """Residual branches as (calls, first seq, last seq, output linear, tail), or None when the layer is not a
-    sequence of h <- h + chain(h)."""
+def _residual_scale(block, stream, x, after):
+    """None when after = stream + x bit for bit; else the float attribute m of the layer with after = stream + x * m
+    (a residual multiplier); False when neither holds."""
+    if torch.equal(after, stream + x):
+        return None
+    floats = [v for v in vars(block).values() if isinstance(v, float)]
+    return next((m for m in floats if torch.equal(after, stream + x * m)), False)
+
+
+def _branches(block, trace: _Trace, hidden, layer_kwargs) -> list | None:
+    """Residual branches as (calls, first seq, last seq, output linear, tail, scale), or None when the layer is not a
+    sequence of h <- h + chain(h) (times a multiplier)."""
     outputs = {id(out): name for _, name, _, out in trace.linear_calls}
     calls, stream, i, found = trace.child_calls, hidden, 0, []
     while i < len(calls):
@@ -255,14 +270,15 @@ def _branches(trace: _Trace, hidden, layer_kwargs) -> list[tuple[tuple[Call, ...
         if not chain or not isinstance(x, torch.Tensor):
             return None
         after = trace.output if j == len(calls) else _input_tensor(calls[j][3], calls[j][4])
-        if not isinstance(after, torch.Tensor) or not torch.equal(after, stream + x):
+        scale = _residual_scale(block, stream, x, after) if isinstance(after, torch.Tensor) else False
+        if scale is False:
             return None
         output, tail = None, 0
         for k in range(j - 1, i - 1, -1):  # the call that returns a linear's output unchanged, and what follows it
             if id(calls[k][5]) in outputs:
                 output, tail = outputs[id(calls[k][5])], j - 1 - k
                 break
-        found.append((tuple(chain), calls[i][0], calls[j - 1][1], output, tail))
+        found.append((tuple(chain), calls[i][0], calls[j - 1][1], output, tail, scale))
         stream, i = after, j
     return found
 
@@ -271,14 +287,14 @@ def derive(block, hidden: torch.Tensor, layer_kwargs: dict) -> BlockStructure:
     """The structure of `block`, from one call on `hidden` (a real calibration row) with the layer's arguments."""
     trace = _trace(block, hidden, layer_kwargs)
     groups = _subgroups(block, trace)
-    spans = _branches(trace, hidden, layer_kwargs)
+    spans = _branches(block, trace, hidden, layer_kwargs)
     if spans:
         branches = []
-        for calls, start, end, output, tail in spans:
+        for calls, start, end, output, tail, scale in spans:
             inside = tuple(g for seq, g in groups if start < seq < end)
             if output is not None and (not inside or inside[-1] != (output,)):
                 output, tail = None, 0
-            branches.append(Branch(calls, inside, output, tail))
+            branches.append(Branch(calls, inside, output, tail, scale))
         if sum(len(b.subgroups) for b in branches) == len(groups) and all(b.subgroups for b in branches):
             return BlockStructure(tuple(branches))
     return BlockStructure((Branch((), tuple(g for _, g in groups)),))

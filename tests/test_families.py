@@ -126,16 +126,17 @@ def test_a_structure_that_misses_a_sandwich_norm_is_refused(tmp_path, tokenizer_
         verify(block, llama_like, hidden, runner.layer_kwargs(0, SEQLEN), "block 0")
 
 
-def test_parallel_and_scaled_residuals_fall_back_to_whole_layer_passes(tmp_path, tokenizer_dir):
-    """Cohere2 runs attention and MLP on one norm's output; Granite scales each branch before adding it. Neither is
-    h <- h + chain(h), so the whole layer is one branch (correct, slower); q/k/v and gate/up of Cohere2 read one
-    tensor and form one sub-group."""
+def test_parallel_residuals_fall_back_to_whole_layer_passes_and_multipliers_are_found(tmp_path, tokenizer_dir):
+    """Cohere2 runs attention and MLP on one norm's output: not h <- h + chain(h), so the whole layer is one branch
+    (correct, slower), and q/k/v and gate/up read one tensor and form one sub-group. Granite scales each branch by
+    the layer's residual multiplier before adding it: found among the layer's float attributes."""
     runner, block, hidden = loaded_block(build_checkpoint(tmp_path / "c", tokenizer_dir, family="cohere2"))
     structure = runner.checked_structure(0, block, hidden[0])
     assert structure.layer_wide and structure.subgroups[0] == (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
     runner, block, hidden = loaded_block(build_checkpoint(tmp_path / "g", tokenizer_dir, family="granite"))
-    assert runner.checked_structure(0, block, hidden[0]).layer_wide
+    structure = runner.checked_structure(0, block, hidden[0])
+    assert [(b.output, b.scale) for b in structure.branches] == [("self_attn.o_proj", 0.22), ("mlp.down_proj", 0.22)]
 
 
 def test_layer_calls_are_stored_once_per_distinct_value(tmp_path, tokenizer_dir):
