@@ -315,10 +315,8 @@ class QuantizeRun:
             release_freed_memory()
         keep = group == (branch.output,) and self._keeps_output_input(block, branch)
         hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
-        if keep:  # the body does not run again (`_advance` applies the output to the kept inputs)
-            body = [name for name in branch.linears if name != branch.output]
-            for stream in streams:
-                runner.release(stream.block, body)
+        for stream in streams if keep else ():  # the body does not run again (`_advance` uses the kept inputs)
+            runner.release(stream.block, [name for name in branch.linears if name != branch.output])
         if hand_back:
             release_freed_memory()
         return prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act, alpha=self.alpha,
@@ -330,9 +328,8 @@ class QuantizeRun:
         structure found such an output linear (`structure.Branch.output`). Always when that file is no larger than an activation store (o_proj);
         a down_proj's inputs (3.5× wider) when the planner says so: on the CPU, where the file stays in RAM and
         the gate/up forward it saves is the dearer side (SmolLM2-135M: ~15% of the run); not on CUDA."""
-        if branch.output is None:
-            return False
-        return block.get_submodule(branch.output).in_features <= self.config.hidden_size or self.plan.keeps_mlp_inputs
+        output = branch.output and block.get_submodule(branch.output)
+        return bool(output) and (output.in_features <= self.config.hidden_size or self.plan.keeps_mlp_inputs)
 
     def _open_inputs(self, entry: dict, verify: bool) -> ActivationReader:
         path = self.work / entry["file"]
