@@ -1,25 +1,24 @@
-"""What differs between decoder-only families: names only. One table, no `if` chains.
+"""What a trace of a block cannot see: where the blocks live, which attention a family needs, how its logits
+are scaled. Everything else about a block (its sub-groups, their order, its residual branches) is derived
+from the model itself by `structure.py`.
 
-Why it exists: the pipeline is generic (skeleton on meta, one block materialised at a time); an
-architecture only tells where the blocks live and in which order their linear layers are quantized.
-
-A block is a sequence of pre-norm residual branches, h ← h + body(norm(h)) (attention, then MLP), and the
-pipeline runs them one at a time: the MLP's sub-groups never recompute the attention, and the input of a
-branch's output linear (o_proj, down_proj) is kept so the branch output is one matmul, not a forward. On
-SmolLM2-135M this cut the forward work of quantization by about half against whole-block passes.
+Why it exists: GPTQModel carries a hand-written definition for each of ~158 model types. Here a normal dense
+decoder-only family (blocks at `model.layers`, `nn.Linear` projections, a final norm at `model.norm`) needs
+no entry at all; an entry is an override, for a fact that lies outside the decoder layers' own forward.
 
 What must stay true:
-- `subgroups` lists every quantized linear of a block, in forward order; the modules of one sub-group
-  read the same input (one Hessian serves them all) and later sub-groups see earlier ones quantized;
-- `branches` cover the block: running them in order gives the block's output bit for bit (the decoder
-  layer does exactly these calls), every sub-group lies inside one branch's body, and each branch's last
-  sub-group is its `output` linear alone, whose output the body returns as it is;
-- adding a family is one entry in ARCHITECTURES (see README, "Adding an architecture").
+- no family name appears outside this file;
+- an override never states a block's sub-groups or branches: those are derived and verified bit for bit on
+  the first block of every run (`structure.py`), so a wrong table cannot quantize silently;
+- a config that names no causal-LM class transformers knows, or one with routed experts (not supported yet),
+  is refused here, before any weight is read, with a one-line `UnsupportedArchitecture`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 class UnsupportedArchitecture(ValueError):
@@ -27,68 +26,70 @@ class UnsupportedArchitecture(ValueError):
 
 
 @dataclass(frozen=True)
-class Branch:
-    """h ← h + body(norm(h)); `output` is the linear whose output the body returns unchanged."""
-    norm: str
-    body: str
-    output: str
-    takes_block_kwargs: bool  # attention needs the position embeddings and mask the block receives
-
-
-@dataclass(frozen=True)
 class Architecture:
-    layers: str = "model.layers"                      # where the decoder blocks live
-    final_norm: str = "model.norm"                    # applied after the last block (evaluation)
-    lm_head: str = "lm_head"                          # tied to the input embedding when absent
-    subgroups: tuple[tuple[str, ...], ...] = (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    )
-    branches: tuple[Branch, ...] = (
-        Branch("input_layernorm", "self_attn", "self_attn.o_proj", takes_block_kwargs=True),
-        Branch("post_attention_layernorm", "mlp", "mlp.down_proj", takes_block_kwargs=False),
-    )
-
-    def __post_init__(self):
-        grouped = [self.subgroups_of(branch) for branch in self.branches]
-        if sum(len(g) for g in grouped) != len(self.subgroups) or any(g[-1] != (b.output,) for b, g in
-                                                                      zip(self.branches, grouped)):
-            raise ValueError("every sub-group must lie in one branch, ending with the branch's output linear")
+    layers: str = "model.layers"          # where the decoder blocks live
+    final_norm: str = "model.norm"        # applied after the last block (evaluation)
+    lm_head: str = "lm_head"              # tied to the input embedding when absent from the checkpoint
+    attention: str = "sdpa"               # the attention implementation the blocks run with
 
     def block_prefix(self, index: int) -> str:
         return f"{self.layers}.{index}."
 
-    def subgroups_of(self, branch: Branch) -> tuple[tuple[str, ...], ...]:
-        return tuple(g for g in self.subgroups if all(n.startswith(branch.body + ".") for n in g))
 
-    def linears_of(self, branch: Branch) -> tuple[str, ...]:
-        return tuple(name for group in self.subgroups_of(branch) for name in group)
+DENSE = Architecture()
 
-    @property
-    def linear_names(self) -> tuple[str, ...]:
-        return tuple(name for group in self.subgroups for name in group)
-
-
-LLAMA_LIKE = Architecture()
-
-# Qwen2 adds q/k/v biases and Qwen3 q/k norms: both are plain tensors of the block, copied as they are.
-ARCHITECTURES: dict[str, Architecture] = {
-    "LlamaForCausalLM": LLAMA_LIKE,
-    "MistralForCausalLM": LLAMA_LIKE,
-    "Qwen2ForCausalLM": LLAMA_LIKE,
-    "Qwen3ForCausalLM": LLAMA_LIKE,
+# Overrides only. Gemma 2's attention softcapping exists only in its eager attention (transformers refuses sdpa
+# for it), and eager is what plain transformers runs it with.
+OVERRIDES: dict[str, Architecture] = {
+    "Gemma2ForCausalLM": Architecture(attention="eager"),
 }
+
+# Config fields that announce routed experts (the MoE work is a later issue).
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def architecture_for(config) -> Architecture:
-    """The entry of a config (a PretrainedConfig, or config.json as a dict: `plan` refuses what `quantize` does)."""
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    names = list(get("architectures") or [])
-    for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    shown = ", ".join(names) or f"model_type {get('model_type') or '?'!r}"
-    raise UnsupportedArchitecture(
-        f"unsupported architecture {shown}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    """The overrides of a config (a PretrainedConfig, or config.json as a dict: `plan` refuses what `quantize`
+    refuses, with the same words), or UnsupportedArchitecture."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(config, dict):
+        config = _config_from_dict(config)
+    names = list(getattr(config, "architectures", None) or [])
+    shown = ", ".join(names) or f"model_type {getattr(config, 'model_type', '?')!r}"
+    mapping = AutoModelForCausalLM._model_mapping  # what transformers (or a caller's register()) can build
+    built = mapping[type(config)].__name__ if type(config) in mapping else None
+    if built is None or (names and built not in names):
+        raise UnsupportedArchitecture(f"unsupported architecture {shown}: not a causal LM that transformers "
+                                      f"builds from model_type {getattr(config, 'model_type', '?')!r}")
+    if any(getattr(config, field, None) for field in _EXPERT_FIELDS):
+        raise UnsupportedArchitecture(f"unsupported architecture {shown}: mixture-of-experts blocks are not "
+                                      "supported yet")
+    return next((OVERRIDES[n] for n in names if n in OVERRIDES), DENSE)
+
+
+def _config_from_dict(fields: dict):
+    from transformers import AutoConfig
+
+    model_type = fields.get("model_type") or "?"
+    try:
+        return AutoConfig.for_model(model_type, **{k: v for k, v in fields.items() if k != "model_type"})
+    except (ValueError, KeyError):
+        shown = ", ".join(fields.get("architectures") or []) or f"model_type {model_type!r}"
+        raise UnsupportedArchitecture(f"unsupported architecture {shown}: transformers knows no model_type "
+                                      f"{model_type!r}") from None
+
+
+def scale_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What the causal-LM head does to the lm_head's output, from the config fields transformers reads there:
+    a logit scale (Cohere), a logits divisor (Granite), final softcapping (Gemma 2/3)."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None:
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

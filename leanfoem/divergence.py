@@ -41,7 +41,7 @@ import psutil
 import torch
 
 from .checkpoint_reader import CheckpointError
-from .evaluation import ModelSource, final_hidden_states, load_head, window_count
+from .evaluation import Head, ModelSource, final_hidden_states, window_count
 from .pipeline import resolve_device
 
 KL_CHUNK = 4096  # vocab entries a chunk: ~6 fp64 [tokens, chunk] temporaries, ~400 MB at 2048 tokens
@@ -61,8 +61,8 @@ class TokenFigures:
     p: torch.Tensor
 
 
-def token_figures(x_ref: torch.Tensor, head_ref: torch.Tensor, x: torch.Tensor, head: torch.Tensor,
-                  targets: torch.Tensor, chunk: int = KL_CHUNK) -> TokenFigures:
+def token_figures(x_ref: torch.Tensor, head_ref: Head, x: torch.Tensor, head: Head, targets: torch.Tensor,
+                  chunk: int = KL_CHUNK) -> TokenFigures:
     """One pass over vocab chunks of both heads (x: final-normed hidden states, fp32, [tokens, hidden])."""
     n, device = x.shape[0], x.device
     ninf = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
@@ -71,9 +71,9 @@ def token_figures(x_ref: torch.Tensor, head_ref: torch.Tensor, x: torch.Tensor, 
     arg_a = torch.zeros(n, dtype=torch.long, device=device)
     arg_b = torch.zeros_like(arg_a)
     tgt_a, tgt_b = torch.empty_like(ninf), torch.empty_like(ninf)
-    for v0 in range(0, head.shape[0], chunk):
-        a = (x_ref @ head_ref[v0:v0 + chunk].float().T).double()
-        b = (x @ head[v0:v0 + chunk].float().T).double()
+    for v0 in range(0, head.vocab, chunk):
+        a = head_ref.logits(x_ref, v0, v0 + chunk).double()
+        b = head.logits(x, v0, v0 + chunk).to(a.device).double()
         m_new = torch.maximum(m, a.max(dim=1).values)
         e = torch.exp(a - m_new[:, None])
         scale = torch.exp(m - m_new)
@@ -138,17 +138,16 @@ def _check_compatible(source: ModelSource, ref: ModelSource) -> None:
 
 
 def _head_figures(ref_runner, ref, ref_hidden, runner, source, hidden, ids, count, seqlen) -> list[TokenFigures]:
-    ref_norm, ref_head = load_head(ref_runner, ref.arch)
-    norm, head = load_head(runner, source.arch)
-    if ref_head.shape[0] != head.shape[0]:
-        raise CheckpointError(f"the reference's lm_head has {ref_head.shape[0]} rows, the model's {head.shape[0]}")
+    ref_head, head = Head(ref_runner, ref.arch), Head(runner, source.arch)
+    if ref_head.vocab != head.vocab:
+        raise CheckpointError(f"the reference's lm_head has {ref_head.vocab} rows, the model's {head.vocab}")
     out = []
     with torch.no_grad():
         for k in range(count):
-            x_ref = ref_norm(ref_hidden.get(k).to(device=ref_runner.device, dtype=ref_runner.dtype)).float()[:-1]
-            x = norm(hidden.get(k).to(device=runner.device, dtype=runner.dtype)).float()[:-1]
+            x_ref = ref_head.normed(ref_hidden.get(k))[:-1]
+            x = head.normed(hidden.get(k))[:-1]
             targets = ids[k * seqlen + 1:(k + 1) * seqlen].to(runner.device)
-            figures = token_figures(x_ref, ref_head, x.to(x_ref.device), head, targets)
+            figures = token_figures(x_ref, ref_head, x, head, targets)
             out.append(TokenFigures(*(getattr(figures, f).cpu() for f in TokenFigures.__dataclass_fields__)))
     return out
 

@@ -11,7 +11,7 @@ RAM (wikitext-2 at 2048 tokens on a 70B: ~140 windows × 2048 × 8192 × 2 bytes
 What must stay true (the protocol): the text is tokenized once with the model's tokenizer and its default
 special tokens, cut into consecutive non-overlapping windows of `seqlen` tokens (the tail is dropped),
 and perplexity = exp(mean next-token NLL over all windows), each window scored on its own. The steps
-(ModelSource, final_hidden_states, load_head) are shared with `divergence.py` (`eval --reference`), which runs
+(ModelSource, final_hidden_states, Head) are shared with `divergence.py` (`eval --reference`), which runs
 two models over the same windows by this protocol.
 """
 
@@ -29,7 +29,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoTokenizer
 
 from .activations import ActivationReader, ActivationWriter
-from .architectures import architecture_for
+from .architectures import architecture_for, scale_logits
 from .blocks import BlockRunner
 from .checkpoint_reader import CheckpointError, CheckpointReader
 from .models import resolve_model_dir
@@ -213,7 +213,7 @@ def final_hidden_states(runner: BlockRunner, gptq: dict | None, ids: torch.Tenso
         outputs = _HiddenStates(count, seqlen, hidden_size, dtype, spill_dir, f"{name}-{index + 1:05d}")
         for k in range(0, count, per_batch):
             batch = torch.stack([hidden.get(j) for j in range(k, min(k + per_batch, count))])
-            for j, row in enumerate(runner.forward(block, batch.to(device=device, dtype=dtype))):
+            for j, row in enumerate(runner.forward(block, index, batch.to(device=device, dtype=dtype))):
                 outputs.put(k + j, row)
         outputs.seal()
         hidden.drop()
@@ -222,34 +222,50 @@ def final_hidden_states(runner: BlockRunner, gptq: dict | None, ids: torch.Tenso
     return hidden
 
 
-def load_head(runner: BlockRunner, arch) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The final norm and the lm_head weight on the device in the compute dtype (tied: the embedding)."""
-    reader, model = runner.reader, runner.model
-    norm = model.get_submodule(arch.final_norm)
-    for name, _ in list(norm.named_parameters()):
-        set_module_tensor_to_device(norm, name, runner.device, value=reader.tensor(f"{arch.final_norm}.{name}"),
-                                    dtype=runner.dtype)
-    head_name = f"{arch.lm_head}.weight"
-    head = reader.tensor(head_name) if head_name in reader else runner.embed_weight()
-    head = head.to(device=runner.device, dtype=runner.dtype)
-    runner.release_embedding()
-    return norm, head
+class Head:
+    """The model's head after the last block: final norm, lm_head (tied: the embedding), the family's logit scaling
+    (`architectures.scale_logits`), one vocab chunk of fp32 logits at a time; on the device in the compute dtype."""
+
+    def __init__(self, runner: BlockRunner, arch):
+        reader, self.config, self.device, self.dtype = runner.reader, runner.config, runner.device, runner.dtype
+        self.norm = runner.model.get_submodule(arch.final_norm)
+        for name, _ in list(self.norm.named_parameters()):
+            set_module_tensor_to_device(self.norm, name, self.device, value=reader.tensor(f"{arch.final_norm}.{name}"),
+                                        dtype=self.dtype)
+        head_name = f"{arch.lm_head}.weight"
+        head = reader.tensor(head_name) if head_name in reader else runner.embed_weight()
+        self.weight = head.to(device=self.device, dtype=self.dtype)
+        runner.release_embedding()
+
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.norm(hidden.to(device=self.device, dtype=self.dtype)).float()
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, x: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        """fp32 logits of vocab ids v0:v1 for the normed hidden states `x`, scaled as the family's head does."""
+        return scale_logits(self.config, x @ self.weight[v0:v1].float().T)
+
+    def chunks(self, x: torch.Tensor, chunk: int = VOCAB_CHUNK):
+        """(first vocab id, fp32 logits) per vocab chunk of the normed hidden states `x`."""
+        for v0 in range(0, self.vocab, chunk):
+            yield v0, self.logits(x, v0, v0 + chunk)
 
 
 def _head_nll(runner: BlockRunner, arch, hidden: _HiddenStates, count: int, ids, seqlen) -> float:
-    """Σ next-token NLL over all windows: final norm, then the lm_head in vocab chunks (log-sum-exp), fp32 logits
-    of one chunk at a time."""
-    norm, head = load_head(runner, arch)
+    """Σ next-token NLL over all windows, the logits reduced chunk by chunk (log-sum-exp)."""
+    head = Head(runner, arch)
     total = 0.0
     with torch.no_grad():
         for k in range(count):
-            h = hidden.get(k).to(device=runner.device, dtype=runner.dtype)
-            x = norm(h).float()[:-1]
+            x = head.normed(hidden.get(k))[:-1]
             targets = ids[k * seqlen + 1:(k + 1) * seqlen].to(runner.device)
             lse = torch.full((x.shape[0],), -math.inf, device=runner.device)
             target_logit = torch.empty_like(lse)
-            for v0 in range(0, head.shape[0], VOCAB_CHUNK):
-                logits = x @ head[v0:v0 + VOCAB_CHUNK].float().T
+            for v0, logits in head.chunks(x):
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
                 inside = (targets >= v0) & (targets < v0 + logits.shape[1])
                 target_logit[inside] = logits[inside, targets[inside] - v0]

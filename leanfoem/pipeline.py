@@ -258,24 +258,25 @@ class QuantizeRun:
         started = time.time()
         source = runner.source_tensors(index)
         block = runner.load(index, source)
-        streams = [_Stream("acts", block, self._open_inputs(journal.state["inputs"], verify))]
+        acts = self._open_inputs(journal.state["inputs"], verify)
+        structure = runner.checked_structure(index, block, acts.row(0))  # before any weight changes
+        streams = [_Stream("acts", block, index, acts)]
         if self.gptaq:  # the unquantized model's inputs of the same layers, for the cross term
-            streams.append(_Stream("native", copy.deepcopy(block),
+            streams.append(_Stream("native", copy.deepcopy(block), index,
                                    self._open_inputs(journal.state["native_inputs"], verify)))
         prefix = self.arch.block_prefix(index)
-        for name in self.arch.linear_names:  # their packed form replaces them; keep only what is copied as is
+        for name in structure.linear_names:  # their packed form replaces them; keep only what is copied as is
             source.pop(prefix + name + ".weight", None)
         packed, losses = {}, []
-        widest = max(block.get_submodule(name).in_features for name in self.arch.linear_names)
-        for number, branch in enumerate(self.arch.branches):
+        widest = max(block.get_submodule(name).in_features for name in structure.linear_names)
+        for number, branch in enumerate(structure.branches):
             # The branch of the block's widest layer (the MLP) holds its memory peak: its H and fp64 factor and
             # its stacked weights are the block's largest. Before each of its steps (Hessian pass, factorisation,
             # solve), what the previous step freed is handed back, so that it does not lie under the next step's
             # large buffers (in 16-layer runs at hidden 2048, 160-320 MiB of it had lain under the gate/up
             # solve). Only there: each hand-back costs page faults when the heap grows again.
-            linears = self.arch.linears_of(branch)
-            peak_branch = max(block.get_submodule(name).in_features for name in linears) == widest
-            for group in self.arch.subgroups_of(branch):
+            peak_branch = max(block.get_submodule(name).in_features for name in branch.linears) == widest
+            for group in branch.subgroups:
                 prepared = None
                 if self.options.method != "rtn":  # round-to-nearest needs no statistics
                     prepared = self._prepare_group(runner, streams, branch, group, hand_back=peak_branch)
@@ -283,11 +284,11 @@ class QuantizeRun:
                     release_freed_memory()
                 packed.update(self._quantize_group(block, prefix, group, prepared, losses))
                 del prepared
-            last = number == len(self.arch.branches) - 1
+            last = number == len(structure.branches) - 1
             for stream in streams:
                 self._advance(runner, stream, branch, f"{stream.kind}-{index + 1:05d}.npy" if last
                               else f"{stream.kind}-branch{number}.npy", durable=last)
-                runner.release(stream.block, linears)
+                runner.release(stream.block, branch.linears)
         tensors = {k: v for k, v in source.items() if k not in packed}
         tensors.update(packed)
         shard = shard_name(index + 1, total_shards)
@@ -314,10 +315,8 @@ class QuantizeRun:
             release_freed_memory()
         keep = group == (branch.output,) and self._keeps_output_input(block, branch)
         hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
-        if keep:  # the body does not run again (`_advance` applies the output to the kept inputs)
-            body = [name for name in self.arch.linears_of(branch) if name != branch.output]
-            for stream in streams:
-                runner.release(stream.block, body)
+        for stream in streams if keep else ():  # the body does not run again (`_advance` uses the kept inputs)
+            runner.release(stream.block, [name for name in branch.linears if name != branch.output])
         if hand_back:
             release_freed_memory()
         return prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act, alpha=self.alpha,
@@ -325,11 +324,12 @@ class QuantizeRun:
 
     def _keeps_output_input(self, block, branch) -> bool:
         """Whether the pass over the branch's output linear keeps its inputs in a work file, so the branch output
-        is one matmul instead of a forward. Always when that file is no larger than an activation store (o_proj);
+        is one matmul (and the branch's later calls: post norms) instead of a forward; only where the derived
+        structure found such an output linear (`structure.Branch.output`). Always when that file is no larger than an activation store (o_proj);
         a down_proj's inputs (3.5× wider) when the planner says so: on the CPU, where the file stays in RAM and
         the gate/up forward it saves is the dearer side (SmolLM2-135M: ~15% of the run); not on CUDA."""
-        return (block.get_submodule(branch.output).in_features <= self.config.hidden_size
-                or self.plan.keeps_mlp_inputs)
+        output = branch.output and block.get_submodule(branch.output)
+        return bool(output) and (output.in_features <= self.config.hidden_size or self.plan.keeps_mlp_inputs)
 
     def _open_inputs(self, entry: dict, verify: bool) -> ActivationReader:
         path = self.work / entry["file"]
@@ -358,7 +358,8 @@ class QuantizeRun:
         writers = [self._writer(f"{s.kind}-kept.npy", width) for s in streams] if keep else []
         try:
             for batches in zip(*(self._batches(s.hidden) for s in streams)):
-                xs = [runner.input_of(s.block, branch, module_name, batch) for s, (_, batch) in zip(streams, batches)]
+                xs = [runner.input_of(s.block, s.index, branch, module_name, batch)
+                      for s, (_, batch) in zip(streams, batches)]
                 acc.add_batch(xs[0], xs[1] if self.gptaq else None)
                 for writer, x in zip(writers, xs):
                     for row in x:
@@ -410,15 +411,13 @@ class QuantizeRun:
         output linear kept them, else h + body(norm(h)). The last branch's are the inputs of the next block, a
         durable file the journal names (`stream.finished`); the others live only inside this block."""
         writer = self._writer(name, self.config.hidden_size)
-        output = stream.block.get_submodule(branch.output)
         try:
             kept = self._batches(stream.kept) if stream.kept is not None else None
             for _, batch in self._batches(stream.hidden):
                 if kept is not None:
-                    with torch.no_grad():
-                        after = batch + output(next(kept)[1])
+                    after = runner.output_from_kept(stream.block, stream.index, branch, batch, next(kept)[1])
                 else:
-                    after = runner.branch_output(stream.block, branch, batch)
+                    after = runner.branch_output(stream.block, stream.index, branch, batch)
                 for row in after:
                     writer.write(row)
             digest = writer.finish(durable=durable)
@@ -484,6 +483,7 @@ class _Stream:
     term, the unquantized model's ("native", with an unquantized copy of the block)."""
     kind: str
     block: torch.nn.Module
+    index: int                               # of the block (its layer's call arguments)
     hidden: ActivationReader                 # hidden states entering the current branch
     kept: ActivationReader | None = None     # inputs of the branch's output linear, when kept
     hidden_is_temporary: bool = False        # `hidden` is a file inside the block, not a block boundary

@@ -1,4 +1,6 @@
-"""Real sharded checkpoints of the supported families, built with transformers (random weights)."""
+"""Real sharded checkpoints of dense decoder families, built with each family's own transformers config and
+modules (random weights). Families with a layer-type mix get sliding and full attention interleaved, with a
+window shorter than the test rows so that the mix matters."""
 
 from __future__ import annotations
 
@@ -6,14 +8,32 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoTokenizer, Cohere2Config, Cohere2ForCausalLM, Gemma2Config, Gemma2ForCausalLM,
+                          Gemma3ForCausalLM, Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GraniteConfig,
+                          GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
+
+MIX = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "sliding_window": 16}
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),  # q/k norms
+    # sandwich norms, attention and final logit softcapping, eager attention, embeddings scaled by sqrt(hidden)
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(MIX, head_dim=32, query_pre_attn_scalar=32,
+                                                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    # local and global rotary tables per layer type, q/k norms, a scaled embedding module
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(MIX, head_dim=32, query_pre_attn_scalar=32,
+                                                         final_logit_softcapping=30.0)),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": None}),  # fused qkv_proj and gate_up_proj
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, {"pad_token_id": None}),  # post norms, q/k norms over all heads
+    "granite": (GraniteConfig, GraniteForCausalLM, {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                                    "attention_multiplier": 0.0625, "logits_scaling": 8.0}),
+    "glm4": (Glm4Config, Glm4ForCausalLM, {"head_dim": 32, "pad_token_id": None}),  # four norms, fused gate_up_proj
+    # parallel attention and MLP, a layer-type mix, logit scale
+    "cohere2": (Cohere2Config, Cohere2ForCausalLM, dict(MIX, logit_scale=0.25, pad_token_id=None)),
 }
 
 
@@ -21,6 +41,8 @@ def build_checkpoint(out: Path, tokenizer_dir: Path, *, family: str = "llama", l
                      intermediate: int = 256, heads: int = 4, kv_heads: int = 2, tie: bool = True,
                      max_shard_size: str = "150KB", seed: int = 0, dtype=torch.bfloat16) -> Path:
     config_cls, model_cls, extra = FAMILIES[family]
+    if "layer_types" in extra:
+        layers = len(extra["layer_types"])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = config_cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -57,13 +57,20 @@ class Quantized:
         return dequantize_chunked(packed, self.bits, self.format)
 
 
-def first_block_inputs(model, arch, rows: list[list[int]]) -> torch.Tensor:
-    """What the linears of block 0's first sub-group read: norm(embeddings), [tokens, hidden], fp64."""
+def first_subgroup(model, arch, rows: list[list[int]]) -> tuple[list[str], torch.Tensor]:
+    """Block 0's first sub-group (the linears that read the first input a linear reads) and that input,
+    [tokens, hidden], fp64: the full model runs on the rows with hooks on block 0's linears."""
     block = model.get_submodule(arch.layers)[0]
-    norm = block.get_submodule(arch.branches[0].norm)
+    seen, handles = [], []
+    for name, module in block.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, args[0]))))
     with torch.no_grad():
-        x = norm(model.get_input_embeddings()(torch.tensor(rows)))
-    return x.reshape(-1, x.shape[-1]).double()
+        model(torch.tensor(rows))
+    for handle in handles:
+        handle.remove()
+    x = seen[0][1]
+    return [name for name, y in seen if y is x], x.reshape(-1, x.shape[-1]).double()
 
 
 def code_agreement(codes_a: torch.Tensor, codes_b: torch.Tensor, slice_columns: int = 64) -> list[float]:
@@ -90,7 +97,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     arch = architecture_for(model.config)
     rows = [json.loads(line)["input_ids"] for line in args.rows.read_text().splitlines() if line.strip()]
-    x = first_block_inputs(model, arch, rows)
+    group, x = first_subgroup(model, arch, rows)
     hessian = x.T @ x
 
     print(f"A = {args.a}\nB = {args.b}\n")
@@ -104,7 +111,7 @@ def main() -> None:
 
     print("\nblock 0, linears reading the block input (same inputs in both): ‖(W − Q)X‖² on the calibration rows")
     a, b = blocks[0]
-    for local in arch.subgroups_of(arch.branches[0])[0]:
+    for local in group:
         name = arch.block_prefix(0) + local
         weight = model.get_submodule(name).weight
         ea, eb = output_error(weight, qa.weight(a[name]), hessian), output_error(weight, qb.weight(b[name]), hessian)
