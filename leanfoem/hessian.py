@@ -225,12 +225,7 @@ def _factor_blocked(hessian: torch.Tensor, damping: float, overwrite: bool):
     diag = a.diagonal()
     condition = (diag.max() / diag.min()).item() ** 2
     _invert_lower_by_tiles(a)
-    out = hessian if overwrite and hessian.dtype == torch.float32 and hessian.is_contiguous() else \
-        torch.empty((n, n), dtype=torch.float32)
-    for start in range(0, n, FACTOR_BLOCK):  # U = J·M⁻¹·J
-        stop = min(start + FACTOR_BLOCK, n)
-        out[start:stop] = a[n - stop:n - start].flip(0, 1)
-    return out, condition
+    return _upper_from_reversed_inverse(a, hessian, overwrite), condition
 
 
 def _tiles(start: int, n: int):
@@ -285,13 +280,19 @@ def _factor_torch(hessian: torch.Tensor, damping: float, overwrite: bool):
     diag = torch.diagonal(lower)
     condition = (diag.max() / diag.min()).item() ** 2
     _invert_lower_in_place(lower)
-    n = lower.shape[0]
+    return _upper_from_reversed_inverse(lower, hessian, overwrite), condition
+
+
+def _upper_from_reversed_inverse(inverse: torch.Tensor, hessian: torch.Tensor, overwrite: bool) -> torch.Tensor:
+    """U = J·M⁻¹·J in fp32, written into H's storage when allowed, in row chunks: a whole flip would be another n×n
+    fp64 copy."""
+    n = inverse.shape[0]
     out = hessian if overwrite and hessian.dtype == torch.float32 and hessian.is_contiguous() else \
         torch.empty((n, n), dtype=torch.float32, device=hessian.device)
-    for start in range(0, n, 1024):  # U = J·M⁻¹·J, in chunks: a whole flip would be another n×n fp64 copy
+    for start in range(0, n, 1024):
         stop = min(start + 1024, n)
-        out[start:stop] = lower[n - stop:n - start].flip(0, 1)
-    return out, condition
+        out[start:stop] = inverse[n - stop:n - start].flip(0, 1)
+    return out
 
 
 def _invert_lower_in_place(lower: torch.Tensor) -> None:
