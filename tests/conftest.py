@@ -51,3 +51,18 @@ def smollm2_w4g64(smollm2_dir, shared_data, tmp_path_factory):
                  "--group-size", "64", "--quiet"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    """A real trained tokenizer shipped with leanfoem: the bundled demo model's."""
+    from leanfoem.models import demo_model_dir
+    return demo_model_dir()
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    from factory import CALIB
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CALIB)
+    return path

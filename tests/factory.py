@@ -37,6 +37,11 @@ FAMILIES = {
 }
 
 
+# Calibration text of the tiny-checkpoint tests (tokenizes to a few hundred tokens with the demo tokenizer).
+CALIB = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
+         "that lour'd upon our house in the deep bosom of the ocean buried. ") * 60
+
+
 def build_checkpoint(out: Path, tokenizer_dir: Path, *, family: str = "llama", layers: int = 2, hidden: int = 128,
                      intermediate: int = 256, heads: int = 4, kv_heads: int = 2, tie: bool = True,
                      max_shard_size: str = "150KB", seed: int = 0, dtype=torch.bfloat16) -> Path:

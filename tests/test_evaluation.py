@@ -9,37 +9,23 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gptq_decode import dense_state_dict
+from perplexity import eval_cli, reference_perplexity
 from leanfoem.cli import main
 from leanfoem.evaluation import dequantize_chunked, evaluate_perplexity
 
 SEQLEN, WINDOWS = 512, 4
 
 
-def reference_perplexity(model, tokenizer, text):
-    """Whole model in memory, fp32, one forward per window; the loss the transformers way."""
-    ids = torch.tensor(tokenizer(text)["input_ids"])
-    nll = 0.0
-    with torch.no_grad():
-        for k in range(WINDOWS):
-            window = ids[k * SEQLEN:(k + 1) * SEQLEN][None]
-            nll += model(window, labels=window).loss.item() * (SEQLEN - 1)
-    return math.exp(nll / (WINDOWS * (SEQLEN - 1)))
-
-
-def eval_cli(model_dir, text_file, capsys):
-    assert main(["eval", "--model", str(model_dir), "--text", str(text_file), "--seqlen", str(SEQLEN),
-                 "--windows", str(WINDOWS), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["windows"] == WINDOWS and result["tokens"] == WINDOWS * (SEQLEN - 1) and result["seconds"] > 0
-    return result["perplexity"]
+def token_ids(model_dir, text_file) -> torch.Tensor:
+    return torch.tensor(AutoTokenizer.from_pretrained(model_dir)(text_file.read_text())["input_ids"])
 
 
 @pytest.mark.slow
 def test_eval_matches_plain_transformers_on_smollm2_fp(smollm2_dir, shared_data, capsys):
     wikitext = shared_data / "wikitext2" / "wiki.test.raw"
-    ours = eval_cli(smollm2_dir, wikitext, capsys)
+    ours = eval_cli(smollm2_dir, wikitext, capsys, SEQLEN, WINDOWS)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    expected = reference_perplexity(model, AutoTokenizer.from_pretrained(smollm2_dir), wikitext.read_text())
+    expected = reference_perplexity(model, token_ids(smollm2_dir, wikitext), SEQLEN, WINDOWS)
     assert ours == pytest.approx(expected, rel=0.005)
     assert 20 < ours < 45  # SmolLM2-135M on wikitext-2 at 512 tokens is about 30
 
@@ -47,13 +33,13 @@ def test_eval_matches_plain_transformers_on_smollm2_fp(smollm2_dir, shared_data,
 @pytest.mark.slow
 def test_eval_matches_plain_transformers_on_quantized_smollm2(smollm2_w4g64, shared_data, capsys):
     wikitext = shared_data / "wikitext2" / "wiki.test.raw"
-    ours = eval_cli(smollm2_w4g64, wikitext, capsys)
+    ours = eval_cli(smollm2_w4g64, wikitext, capsys, SEQLEN, WINDOWS)
     config = AutoConfig.from_pretrained(smollm2_w4g64)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dense_state_dict(smollm2_w4g64), strict=False)
     model.tie_weights()
-    expected = reference_perplexity(model.eval(), AutoTokenizer.from_pretrained(smollm2_w4g64), wikitext.read_text())
+    expected = reference_perplexity(model.eval(), token_ids(smollm2_w4g64, wikitext), SEQLEN, WINDOWS)
     assert ours == pytest.approx(expected, rel=0.005)
 
 

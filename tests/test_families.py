@@ -5,36 +5,23 @@ agrees with plain transformers on the source and on the output. No family needs 
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from factory import FAMILIES, build_checkpoint
-from test_pipeline import CALIB, assert_well_formed, index_of, load_dense, quantize_cli, relative_weight_error
+from factory import CALIB, FAMILIES, build_checkpoint
+from perplexity import eval_cli, reference_perplexity
+from test_pipeline import assert_well_formed, index_of, load_dense, quantize_cli, relative_weight_error
 from leanfoem.architectures import architecture_for
 from leanfoem.blocks import BlockRunner
 from leanfoem.checkpoint_reader import CheckpointReader
 from leanfoem.cli import main
 from leanfoem.evaluation import Head
-from leanfoem.models import demo_model_dir
 from leanfoem.structure import StructureError, verify
 
 SEQLEN, WINDOWS = 64, 3  # rows longer than the factory's sliding window (16)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir():
-    return demo_model_dir()
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(CALIB)
-    return path
 
 
 def streamed_logits(model_dir, ids):
@@ -66,21 +53,6 @@ def test_streamed_forward_is_the_full_models_bit_for_bit(tmp_path, tokenizer_dir
     assert torch.equal(streamed_logits(model_dir, ids), expected)
 
 
-def reference_perplexity(model, ids):
-    nll = 0.0
-    with torch.no_grad():
-        for k in range(WINDOWS):
-            window = ids[k * SEQLEN:(k + 1) * SEQLEN][None]
-            nll += model(window, labels=window).loss.item() * (SEQLEN - 1)
-    return math.exp(nll / (WINDOWS * (SEQLEN - 1)))
-
-
-def eval_cli(model_dir, text_file, capsys):
-    assert main(["eval", "--model", str(model_dir), "--text", str(text_file), "--seqlen", str(SEQLEN),
-                 "--windows", str(WINDOWS), "--json"]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_quantizes_and_evaluates_like_transformers(tmp_path, calib_file, tokenizer_dir, capsys, family):
     """Every decoder linear quantized under the checkpoint's own names (fused ones as fused), and `leanfoem eval`
@@ -98,9 +70,11 @@ def test_family_quantizes_and_evaluates_like_transformers(tmp_path, calib_file, 
     assert relative_weight_error(source, out)[-1] < 0.2
     ids = torch.tensor(AutoTokenizer.from_pretrained(source)(calib_file.read_text())["input_ids"])
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    assert eval_cli(source, calib_file, capsys) == pytest.approx(reference_perplexity(original, ids), rel=0.005)
+    assert eval_cli(source, calib_file, capsys, SEQLEN, WINDOWS) == pytest.approx(
+        reference_perplexity(original, ids, SEQLEN, WINDOWS), rel=0.005)
     quantized = load_dense(out)
-    assert eval_cli(out, calib_file, capsys) == pytest.approx(reference_perplexity(quantized, ids), rel=0.005)
+    assert eval_cli(out, calib_file, capsys, SEQLEN, WINDOWS) == pytest.approx(
+        reference_perplexity(quantized, ids, SEQLEN, WINDOWS), rel=0.005)
     with torch.no_grad():
         a, b = original(ids[None, :SEQLEN]).logits, quantized(ids[None, :SEQLEN]).logits
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.95

@@ -11,23 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from factory import build_checkpoint
 from gptq_decode import dense_state_dict
 from leanfoem.cli import main
-from leanfoem.models import demo_model_dir
 
-CALIB = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
-         "that lour'd upon our house in the deep bosom of the ocean buried. ") * 60
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir():
-    """A real trained tokenizer shipped with leanfoem: the bundled demo model's."""
-    return demo_model_dir()
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(CALIB)
-    return path
 
 
 def quantize_cli(model, out, calib, *extra):
