@@ -11,7 +11,10 @@ What must stay true:
   its call and hands its input on, each distinct set of arguments kept once;
 - the block structure the pipeline walks is verified on the first block, before it is trusted;
 - a block holds weights only between `load()` and `unload()` (parts of it less, after `release()`); after
-  `unload()` it is back on meta;
+  `unload()` it is back on meta. Its experts are loaded only when their stored tensors are handed to `load()`
+  (evaluation); quantization reads them a group at a time (`expert_weights`) and never puts them in the module;
+- tensors are read and written under their stored names (`layout.py`); the model's names are used only to find
+  the module a tensor belongs to;
 - every float tensor read is checked for NaN/Inf, naming the tensor.
 """
 
@@ -27,6 +30,8 @@ from transformers import AutoModelForCausalLM
 from . import structure as block_structure
 from .architectures import Architecture
 from .checkpoint_reader import CheckpointError, CheckpointReader
+from .experts import RoutedCall, expert_modules
+from .layout import BlockLayout, StoredLayout, fuse
 from .structure import BlockStructure, Branch, StructureError, derive, verify
 
 
@@ -78,8 +83,12 @@ class BlockRunner:
         self.config, self.reader, self.arch = config, reader, arch
         self.device, self.dtype = device, dtype
         with init_empty_weights():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=arch.attention)
+            # eager experts: the loop `experts.add_routed` reproduces (the default grouped_mm sums differently)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=arch.attention,
+                                                          experts_implementation="eager")
         self.model.eval()
+        self.stored_layout = StoredLayout(self.model)
+        self._layouts: dict[int, BlockLayout] = {}
         base_name, _, _ = arch.layers.rpartition(".")
         try:
             self.base = self.model.get_submodule(base_name)
@@ -94,8 +103,8 @@ class BlockRunner:
                         set_module_tensor_to_device(module, name, device)
         self._embedding = None
         self._calls: dict[int, LayerCalls] = {}
-        self.structure: BlockStructure | None = None
-        self._verified: set[int] = set()
+        self._structures: dict[tuple, BlockStructure] = {}   # per kind of block (dense first layers, MoE layers)
+        self._verified: set[tuple] = set()
 
     @property
     def num_blocks(self) -> int:
@@ -161,27 +170,64 @@ class BlockRunner:
         return recorders[0].hidden_states, LayerCalls(distinct, of_layer)
 
     # -- blocks -------------------------------------------------------------------------------------
-    def source_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        """The block's tensors as stored, keyed by full name; NaN/Inf rejected."""
-        prefix = self.arch.block_prefix(index)
-        names = self.reader.names(prefix)
-        if not names:
-            raise CheckpointError(f"the checkpoint holds no tensor of block {index} ({prefix}*)")
+    def layout(self, index: int) -> BlockLayout:
+        """How block `index`'s tensors are stored (names, per-expert pieces), checked complete against the model."""
+        if index not in self._layouts:
+            prefix = self.arch.block_prefix(index)
+            names = self.reader.names(prefix)
+            if not names:
+                raise CheckpointError(f"the checkpoint holds no tensor of block {index} ({prefix}*)")
+            layout = self.stored_layout.block(prefix, names)
+            _check_experts_complete(self.layers[index], layout, prefix)
+            self._layouts[index] = layout
+        return self._layouts[index]
+
+    def source_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
+        """The block's tensors as stored, keyed by full stored name; NaN/Inf rejected. `experts=False` leaves the
+        per-expert tensors out (quantization reads them a group at a time)."""
+        prefix, layout = self.arch.block_prefix(index), self.layout(index)
+        names = [prefix + n for n in layout.plain.values()]
+        if experts:
+            names += [prefix + n for p in layout.fused.values() for pieces in p.pieces.values() for n in pieces]
         return {name: check_finite(name, tensor) for name, tensor in self.reader.tensors(names).items()}
 
     def load(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Block `index` on the device in the compute dtype, from its source tensors."""
-        block = self.layers[index]
-        prefix = self.arch.block_prefix(index)
-        expected = {prefix + n for n, _ in block.named_parameters()}
-        missing = sorted(expected - tensors.keys())
+        """Block `index` on the device in the compute dtype, from its stored tensors; its experts too when their
+        tensors are among them."""
+        block, prefix, layout = self.layers[index], self.arch.block_prefix(index), self.layout(index)
+        for local, stored in layout.plain.items():
+            if prefix + stored not in tensors:
+                raise CheckpointError(f"tensor {prefix + stored} is missing from the checkpoint")
+        expected = set(block.state_dict(keep_vars=True))  # parameters and persistent buffers (score biases)
+        missing = sorted(expected - layout.plain.keys() - layout.fused.keys())
         if missing:
-            raise CheckpointError(f"tensor {missing[0]} is missing from the checkpoint")
-        for name, tensor in tensors.items():
-            local = name[len(prefix):]
-            if prefix + local in expected:
-                set_module_tensor_to_device(block, local, self.device, value=tensor, dtype=self.dtype)
+            raise CheckpointError(f"tensor {prefix + missing[0]} is missing from the checkpoint")
+        for local, stored in layout.plain.items():
+            if local in expected:
+                set_module_tensor_to_device(block, local, self.device, value=tensors[prefix + stored], dtype=self.dtype)
+        for local, param in layout.fused.items():
+            if all(prefix + n in tensors for pieces in param.pieces.values() for n in pieces):
+                value = fuse([[tensors[prefix + n] for n in param.stored(e)] for e in sorted(param.pieces)])
+                set_module_tensor_to_device(block, local, self.device, value=value, dtype=self.dtype)
         return block
+
+    def expert_weights(self, index: int, path: str, experts: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [gate; up] and down weights of experts `experts` of the experts module `path`, read from the shards
+        ([G, 2I, H] and [G, H, I], on the device in the compute dtype)."""
+        prefix, layout = self.arch.block_prefix(index), self.layout(index)
+        out = []
+        for param in (layout.fused[path + ".gate_up_proj"], layout.fused[path + ".down_proj"]):
+            names = [[prefix + n for n in param.stored(e)] for e in experts]
+            read = self.reader.tensors([n for pieces in names for n in pieces])
+            value = fuse([[check_finite(n, read.pop(n)) for n in pieces] for pieces in names])
+            out.append(value.to(device=self.device, dtype=self.dtype))
+        return out[0], out[1]
+
+    def expert_names(self, index: int, path: str, expert: int) -> tuple[list[str], list[str]]:
+        """Full stored names (without `.weight`) of one expert's gate/up pieces (in row order) and down projection."""
+        prefix, layout = self.arch.block_prefix(index), self.layout(index)
+        return tuple([prefix + n[: -len(".weight")] for n in layout.fused[path + suffix].stored(expert)]
+                     for suffix in (".gate_up_proj", ".down_proj"))
 
     def unload(self, index: int) -> None:
         self.layers[index].to("meta")
@@ -193,18 +239,27 @@ class BlockRunner:
         for name in names:
             block.get_submodule(name).to("meta")
 
-    def checked_structure(self, index: int, block: torch.nn.Module, row: torch.Tensor) -> BlockStructure:
-        """The block structure, derived on the first block this runner loads and verified bit for bit on it and on
-        the first block of every other distinct layer call (sliding or full attention), on the real row `row`."""
+    def checked_structure(self, index: int, block: torch.nn.Module, row: torch.Tensor,
+                          expert_group: int | None = None) -> BlockStructure:
+        """The block structure, derived on the first block of each kind this runner loads (dense first layers and MoE
+        layers differ) and verified bit for bit on it and on the first block of every other distinct layer call
+        (sliding or full attention), on the real row `row`. Experts are verified on their first group of
+        `expert_group` experts (all when None), read from the shards for it."""
         hidden = row[None].to(device=self.device, dtype=self.dtype)
         kwargs = self.layer_kwargs(index, hidden.shape[1])
-        if self.structure is None:
-            self.structure = derive(block, hidden, kwargs)
-        call = self._calls[hidden.shape[1]].of_layer[index]
+        kind = tuple((name, type(m).__name__) for name, m in block.named_modules())
+        if kind not in self._structures:
+            self._structures[kind] = derive(block, hidden, kwargs)
+        structure = self._structures[kind]
+        call = (kind, self._calls[hidden.shape[1]].of_layer[index])
         if call not in self._verified:
-            verify(block, self.structure, hidden, kwargs, f"block {index}")
+            group = {}
+            for path in structure.experts:
+                count = block.get_submodule(path).num_experts
+                group[path] = (0, *self.expert_weights(index, path, range(min(expert_group or count, count))))
+            verify(block, structure, hidden, kwargs, f"block {index}", group)
             self._verified.add(call)
-        return self.structure
+        return structure
 
     def forward(self, block: torch.nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -212,9 +267,14 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     # -- one residual branch at a time (structure.Branch) ----------------------------------------------
-    def branch_output(self, block, index: int, branch: Branch, hidden: torch.Tensor) -> torch.Tensor:
-        """The hidden states after the branch."""
-        return block_structure.branch_output(block, branch, hidden, self.layer_kwargs(index, hidden.shape[1]))
+    def branch_output(self, block, index: int, branch: Branch, hidden: torch.Tensor,
+                      routed: dict | None = None) -> torch.Tensor:
+        """The hidden states after the branch; its experts answer with `routed` (path -> forward)."""
+        return block_structure.branch_output(block, branch, hidden, self.layer_kwargs(index, hidden.shape[1]), routed)
+
+    def routed_call(self, block, index: int, branch: Branch, path: str, hidden: torch.Tensor) -> RoutedCall:
+        """The inputs and routing the experts module `path` receives for these hidden states."""
+        return block_structure.routed_call(block, branch, path, hidden, self.layer_kwargs(index, hidden.shape[1]))
 
     def output_from_kept(self, block, index: int, branch: Branch, hidden, kept) -> torch.Tensor:
         return block_structure.output_from_kept(block, branch, hidden, kept, self.layer_kwargs(index, hidden.shape[1]))
@@ -222,6 +282,28 @@ class BlockRunner:
     def input_of(self, block, index: int, branch: Branch, module_name: str, hidden: torch.Tensor) -> torch.Tensor:
         """The input that `module_name` inside the branch receives; the forward stops right there."""
         return block_structure.input_of(block, branch, module_name, hidden, self.layer_kwargs(index, hidden.shape[1]))
+
+
+def _check_experts_complete(block, layout: BlockLayout, prefix: str) -> None:
+    """Every experts module is stored per expert, and every expert has all its pieces (a missing one is named)."""
+    for path, module in expert_modules(block).items():
+        for local in (path + ".gate_up_proj", path + ".down_proj"):
+            param = layout.fused.get(local)
+            if param is None:
+                raise CheckpointError(f"the checkpoint does not store {prefix + local} per expert (as "
+                                      f"{prefix + path}.N.*.weight); leanfoem reads experts one by one")
+            width = max(len(pieces) for pieces in param.pieces.values())
+            for expert in range(module.num_experts):
+                for slot, name in enumerate(param.pieces.get(expert, [None] * width)):
+                    if name is None:
+                        raise CheckpointError(f"tensor {prefix + _sibling_name(param, slot, expert)} is missing "
+                                              "from the checkpoint")
+
+
+def _sibling_name(param, slot: int, expert: int) -> str:
+    """The stored name a missing piece would have: another expert's, with the expert number replaced."""
+    other, pieces = next((e, p) for e, p in param.pieces.items() if p[slot] is not None)
+    return pieces[slot].replace(f".{other}.", f".{expert}.", 1)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,11 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq")
     p.add_argument("--batch-tokens", type=_positive_int, default=None,
                    help="tokens per forward batch (default: the largest the planner finds to fit)")
+    p.add_argument("--expert-calibration", choices=["all", "routed"], default="all",
+                   help="mixture-of-experts: each expert's statistics from all calibration tokens (default) or only "
+                        "from the tokens routed to it")
+    p.add_argument("--expert-group", type=_positive_int, default=None,
+                   help="mixture-of-experts: experts read and solved together (default: the planner's choice)")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
     p.add_argument("--keep-work", action="store_true", help="keep the work files (OUT/.leanfoem) at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")

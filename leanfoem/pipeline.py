@@ -35,10 +35,11 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import __version__
 from .activations import ActivationReader, ActivationWriter, file_sha256
-from .architectures import architecture_for
+from .architectures import UnsupportedArchitecture, architecture_for, has_routed_experts
 from .blocks import BlockRunner, check_finite
 from .calibration import CalibrationError, load_calibration, rows_digest
 from .checkpoint_reader import CheckpointError, CheckpointReader
+from .expert_quantizer import CALIBRATION_MODES, ExpertQuantizer
 from .checkpoint_writer import (copy_side_files, quantization_config, shard_name, shard_tensor_names,
                                 write_configs, write_index, write_shard)
 from .hessian import HessianAccumulator
@@ -82,6 +83,8 @@ class QuantizeOptions:
     device: str = "auto"
     checkpoint_format: str = "gptq"
     batch_tokens: int | None = None   # tokens per forward batch (None: the planner's choice); in the fingerprint
+    expert_calibration: str = "all"   # experts' statistics from all tokens, or from the tokens routed to each
+    expert_group: int | None = None   # experts solved together (None: the planner's choice); in the fingerprint
     restart: bool = False
     keep_work: bool = False
     quiet: bool = False
@@ -137,9 +140,16 @@ class QuantizeRun:
         release_freed_memory()  # tokenizing a long text leaves ~100 MB of freed encodings in the allocator
         self.alpha, self.beta = method_terms(options.method, options.alpha, options.beta, hessian=True, cross=True)
         self.gptaq = self.alpha > 0
+        if options.expert_calibration not in CALIBRATION_MODES:
+            raise ValueError(f"--expert-calibration {options.expert_calibration!r}: choose one of "
+                             f"{', '.join(CALIBRATION_MODES)}")
+        if self.gptaq and has_routed_experts(self.config):
+            raise UnsupportedArchitecture("--alpha (the GPTAQ term) is not supported for mixture-of-experts models "
+                                          "yet; use --method foem or gptq")
         self.plan = self._plan()
         check_fits(self.plan)  # refuse up front, with the numbers, rather than run out of memory at block 40
         self.batch_tokens = self.plan.batch_tokens
+        self.expert_group = options.expert_group or getattr(self.plan, "expert_group", None)
         self.fingerprint = self._fingerprint()
         self.work = self.out / WORK_DIR_NAME
 
@@ -159,7 +169,8 @@ class QuantizeRun:
         return {
             "model": {"shards": shards, "config_sha256": file_sha256(self.model_dir / "config.json")},
             "calibration": {"rows": len(self.rows), "tokens": sum(self.lengths), "sha256": rows_digest(self.rows)},
-            "settings": dict(self.options.settings(), seqlen=self.seqlen, batch_tokens=self.batch_tokens),
+            "settings": dict(self.options.settings(), seqlen=self.seqlen, batch_tokens=self.batch_tokens,
+                             expert_group=self.expert_group),
             "versions": {"leanfoem": __version__, "torch": torch.__version__.split("+")[0]},
             "compute": {"device": self.device.type, "dtype": str(self.dtype).removeprefix("torch.")},
         }
@@ -256,17 +267,18 @@ class QuantizeRun:
     def _quantize_block(self, runner: BlockRunner, journal: Journal, index: int, total_shards: int,
                         verify: bool) -> dict:
         started = time.time()
-        source = runner.source_tensors(index)
+        source = runner.source_tensors(index, experts=False)  # the experts are read a group at a time
         block = runner.load(index, source)
+        layout = runner.layout(index)
         acts = self._open_inputs(journal.state["inputs"], verify)
-        structure = runner.checked_structure(index, block, acts.row(0))  # before any weight changes
+        structure = runner.checked_structure(index, block, acts.row(0), self.expert_group)  # before any change
         streams = [_Stream("acts", block, index, acts)]
         if self.gptaq:  # the unquantized model's inputs of the same layers, for the cross term
             streams.append(_Stream("native", copy.deepcopy(block), index,
                                    self._open_inputs(journal.state["native_inputs"], verify)))
         prefix = self.arch.block_prefix(index)
         for name in structure.linear_names:  # their packed form replaces them; keep only what is copied as is
-            source.pop(prefix + name + ".weight", None)
+            source.pop(prefix + layout.stored_module(name) + ".weight", None)
         packed, losses = {}, []
         widest = max(block.get_submodule(name).in_features for name in structure.linear_names)
         for number, branch in enumerate(structure.branches):
@@ -275,20 +287,25 @@ class QuantizeRun:
             # solve), what the previous step freed is handed back, so that it does not lie under the next step's
             # large buffers (in 16-layer runs at hidden 2048, 160-320 MiB of it had lain under the gate/up
             # solve). Only there: each hand-back costs page faults when the heap grows again.
-            peak_branch = max(block.get_submodule(name).in_features for name in branch.linears) == widest
+            peak_branch = max((block.get_submodule(name).in_features for name in branch.linears), default=0) == widest
             for group in branch.subgroups:
                 prepared = None
                 if self.options.method != "rtn":  # round-to-nearest needs no statistics
                     prepared = self._prepare_group(runner, streams, branch, group, hand_back=peak_branch)
                 if peak_branch:
                     release_freed_memory()
-                packed.update(self._quantize_group(block, prefix, group, prepared, losses))
+                packed.update(self._quantize_group(block, prefix, layout, group, prepared, losses))
                 del prepared
+            sums = {path: ExpertQuantizer(self, runner, streams[0], branch, path, self.expert_group,
+                                          self.options.expert_calibration).quantize(packed, losses)
+                    for path in branch.experts}
             last = number == len(structure.branches) - 1
             for stream in streams:
                 self._advance(runner, stream, branch, f"{stream.kind}-{index + 1:05d}.npy" if last
-                              else f"{stream.kind}-branch{number}.npy", durable=last)
+                              else f"{stream.kind}-branch{number}.npy", durable=last, sums=sums)
                 runner.release(stream.block, branch.linears)
+            for routed_sum in sums.values():
+                routed_sum.close()
         tensors = {k: v for k, v in source.items() if k not in packed}
         tensors.update(packed)
         shard = shard_name(index + 1, total_shards)
@@ -373,7 +390,7 @@ class QuantizeRun:
             raise
         return acc.scaled()
 
-    def _quantize_group(self, block, prefix, group, prepared, losses) -> dict:
+    def _quantize_group(self, block, prefix, layout, group, prepared, losses) -> dict:
         """The linears of one sub-group share one input, hence one U: their weights are stacked along the output
         rows and solved in one column loop (the loop is row-separable; on the CPU its cost is per column, so q/k/v
         and gate/up each cost one loop instead of three and two), then split back into layers."""
@@ -396,9 +413,10 @@ class QuantizeRun:
         for name, linear, part in zip(group, linears, res.split([linear.out_features for linear in linears])):
             linear.weight.data = part.dequantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
             losses.append(part.loss)
-            tensors.update({prefix + name + "." + k: v.cpu() for k, v in part.pack(o.checkpoint_format).items()})
+            stored = prefix + layout.stored_module(name)
+            tensors.update({stored + "." + k: v.cpu() for k, v in part.pack(o.checkpoint_format).items()})
             if linear.bias is not None:
-                tensors[prefix + name + ".bias"] = linear.bias.detach().to("cpu", torch.float16)
+                tensors[stored + ".bias"] = linear.bias.detach().to("cpu", torch.float16)
             self._emit({"event": "module", "module": prefix + name, "loss": part.loss, "damp": part.damp,
                         "condition": part.stats.get("condition"), "seconds": seconds, "solved_with": list(group),
                         "rss_gib": psutil.Process().memory_info().rss / 2**30,
@@ -406,18 +424,23 @@ class QuantizeRun:
                                             if self.device.type == "cuda" else None)})
         return tensors
 
-    def _advance(self, runner, stream: _Stream, branch, name: str, durable: bool) -> None:
+    def _advance(self, runner, stream: _Stream, branch, name: str, durable: bool, sums: dict) -> None:
         """The stream's hidden states after the (quantized) branch: h + output(kept inputs) when the pass over the
-        output linear kept them, else h + body(norm(h)). The last branch's are the inputs of the next block, a
-        durable file the journal names (`stream.finished`); the others live only inside this block."""
+        output linear kept them, else h + body(norm(h)), the experts answering with their routed sums (`sums`).
+        The last branch's are the inputs of the next block, a durable file the journal names (`stream.finished`);
+        the others live only inside this block."""
         writer = self._writer(name, self.config.hidden_size)
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n)
         try:
             kept = self._batches(stream.kept) if stream.kept is not None else None
-            for _, batch in self._batches(stream.hidden):
+            for i, batch in self._batches(stream.hidden):
                 if kept is not None:
                     after = runner.output_from_kept(stream.block, stream.index, branch, batch, next(kept)[1])
                 else:
-                    after = runner.branch_output(stream.block, stream.index, branch, batch)
+                    routed = {path: _answer_with(routed_sum, starts[i]) for path, routed_sum in sums.items()}
+                    after = runner.branch_output(stream.block, stream.index, branch, batch, routed)
                 for row in after:
                     writer.write(row)
             digest = writer.finish(durable=durable)
@@ -475,6 +498,13 @@ class QuantizeRun:
     def _say(self, text: str) -> None:
         if not self.options.quiet:
             print(text)
+
+
+def _answer_with(routed_sum, start: int):
+    """An experts forward that returns the routed sum of the batch's tokens (which start at token `start`)."""
+    def forward(hidden, index, weights):
+        return routed_sum.read(start, hidden.shape[0]).to(hidden.device)
+    return forward
 
 
 @dataclass

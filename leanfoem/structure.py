@@ -21,7 +21,11 @@ What must stay true:
 - every `nn.Linear` of the block runs exactly once per call and every weight matrix of the block belongs to one
   (else refused: its Hessian or its quantization would be wrong or missing);
 - a sub-group is a tuple of linear names sharing one input; a branch is a residual segment holding whole
-  sub-groups. The MoE work builds on these two notions, so they say nothing about attention or MLPs.
+  sub-groups and, in a mixture-of-experts block, its experts modules (`experts.py`). Routers are neither: they
+  stay as stored;
+- the experts' own forward never runs here (their weights stay on the meta device): every pass runs the block with
+  the experts substituted, by zeros in the passes that stop before their output is used (verified: the inputs
+  of every sub-group come out the same), by the routed sum the pipeline computed group by group otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import experts as routed_experts
 from .architectures import UnsupportedArchitecture
+from .experts import RoutedCall, substituted
 
 
 class StructureError(UnsupportedArchitecture):
@@ -54,12 +60,13 @@ class Call:
 class Branch:
     """h <- h + chain(h) over `calls` (times `scale`, a float attribute of the layer, where it has one); no calls:
     h <- layer(h), the whole layer. `output` is the linear whose output `calls[-1 - tail]` returns unchanged (None: no
-    shortcut); the `tail` calls after it are applied to it."""
+    shortcut); the `tail` calls after it are applied to it. `experts`: the experts modules the branch runs."""
     calls: tuple[Call, ...]
     subgroups: tuple[tuple[str, ...], ...]
     output: str | None = None
     tail: int = 0
     scale: float | None = None
+    experts: tuple[str, ...] = ()
 
     def add(self, hidden, out):
         return hidden + (out if self.scale is None else out * self.scale)
@@ -82,6 +89,10 @@ class BlockStructure:
         return tuple(name for group in self.subgroups for name in group)
 
     @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(path for branch in self.branches for path in branch.experts)
+
+    @property
     def layer_wide(self) -> bool:
         return len(self.branches) == 1 and not self.branches[0].calls
 
@@ -98,9 +109,11 @@ def _call(block, call: Call, x, layer_kwargs: dict):
     return _first(module(x, **kwargs) if call.input == 0 else module(**{call.input: x}, **kwargs))
 
 
-def run_chain(block, branch: Branch, hidden, layer_kwargs: dict, calls=None):
-    """chain(h) of a branch (the layer's output for the whole-layer branch)."""
-    with torch.no_grad():
+def run_chain(block, branch: Branch, hidden, layer_kwargs: dict, calls=None, routed: dict | None = None):
+    """chain(h) of a branch (the layer's output for the whole-layer branch); each experts module of the branch
+    answers with `routed[path](hidden, index, weights)`, zeros where `routed` has no entry."""
+    forwards = {path: (routed or {}).get(path, routed_experts.zeros) for path in branch.experts}
+    with torch.no_grad(), substituted(block, forwards):
         if not branch.calls:
             return _first(block(hidden, **layer_kwargs))
         x = hidden
@@ -109,8 +122,8 @@ def run_chain(block, branch: Branch, hidden, layer_kwargs: dict, calls=None):
         return x
 
 
-def branch_output(block, branch: Branch, hidden, layer_kwargs: dict):
-    out = run_chain(block, branch, hidden, layer_kwargs)
+def branch_output(block, branch: Branch, hidden, layer_kwargs: dict, routed: dict | None = None):
+    out = run_chain(block, branch, hidden, layer_kwargs, routed=routed)
     return branch.add(hidden, out) if branch.calls else out
 
 
@@ -141,17 +154,36 @@ def input_of(block, branch: Branch, module_name: str, hidden, layer_kwargs: dict
     return seen["x"]
 
 
+def routed_call(block, branch: Branch, path: str, hidden, layer_kwargs: dict) -> RoutedCall:
+    """What the experts module `path` receives when the branch runs on `hidden`: the tokens' inputs and routing."""
+    seen = {}
+
+    def grab(hidden_states, top_k_index, top_k_weights):
+        seen["call"] = RoutedCall(hidden_states, top_k_index, top_k_weights)
+        raise _Stop
+
+    try:
+        run_chain(block, branch, hidden, layer_kwargs, routed={path: grab})
+    except _Stop:
+        pass
+    return seen["call"]
+
+
 # -- deriving it --------------------------------------------------------------------------------------------
 @dataclass
 class _Trace:
-    linear_calls: list      # (seq, name, input tensor, output tensor)
+    linear_calls: list      # (seq, name, input tensor, output tensor), routers left out
     child_calls: list       # (seq_start, seq_end, name, args, kwargs, output)
+    expert_calls: list      # (seq, path, RoutedCall)
     output: torch.Tensor
 
 
-def _trace(block, hidden, layer_kwargs) -> _Trace:
-    linear_calls, child_calls, handles, pending = [], [], [], {}
+def _trace(block, hidden, layer_kwargs, expert_forwards: dict) -> _Trace:
+    """One call of the layer with hooks on its linears and children; each experts module runs the given forward
+    (its own weights are never materialised here) and its call is recorded."""
+    linear_calls, child_calls, expert_calls, handles, pending = [], [], [], [], {}
     counter = iter(range(10**9))
+    skip = routed_experts.routers(block, routed_experts.expert_modules(block))
 
     def on_linear(name):
         def hook(module, args, out):
@@ -169,20 +201,27 @@ def _trace(block, hidden, layer_kwargs) -> _Trace:
             child_calls.append((start, next(counter), name, a, k, _first(out)))
         return hook
 
+    def recorded(path, forward):
+        def run(hidden_states, top_k_index, top_k_weights):
+            expert_calls.append((next(counter), path, RoutedCall(hidden_states, top_k_index, top_k_weights)))
+            return forward(hidden_states, top_k_index, top_k_weights)
+        return run
+
     try:
         for name, module in block.named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear) and name not in skip:
                 handles.append(module.register_forward_hook(on_linear(name)))
         for name, child in block.named_children():
             handles.append(child.register_forward_pre_hook(before_child(name), with_kwargs=True))
             handles.append(child.register_forward_hook(after_child(name), with_kwargs=True))
-        with torch.no_grad():
+        forwards = {path: recorded(path, forward) for path, forward in expert_forwards.items()}
+        with torch.no_grad(), substituted(block, forwards):
             out = _first(block(hidden, **layer_kwargs))
     finally:
         for handle in handles:
             handle.remove()
     child_calls.sort(key=lambda c: c[0])
-    return _Trace(linear_calls, child_calls, out)
+    return _Trace(linear_calls, child_calls, expert_calls, out)
 
 
 def _tensor_key(t: torch.Tensor):
@@ -191,8 +230,10 @@ def _tensor_key(t: torch.Tensor):
 
 def _subgroups(block, trace: _Trace) -> list[tuple[int, tuple[str, ...]]]:
     """(seq of first use, names) per sub-group: linears reading the same input tensor, in order of first use."""
-    names = [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    if not names:
+    experts = routed_experts.expert_modules(block)
+    skip = routed_experts.routers(block, experts)
+    names = [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear) and name not in skip]
+    if not names and not experts:
         raise StructureError("cannot derive the block's structure: it holds no nn.Linear layer")
     runs = {}
     for _, name, _, _ in trace.linear_calls:
@@ -209,9 +250,13 @@ def _subgroups(block, trace: _Trace) -> list[tuple[int, tuple[str, ...]]]:
 
 
 def _check_weights_are_linear(block) -> None:
+    """Every matrix of the block is a linear's weight, an experts module's, or a router's (kept as stored)."""
+    experts = routed_experts.expert_modules(block)
+    owners = list(experts) + sorted(routed_experts.routers(block, experts))
     linear_weights = {id(m.weight) for m in block.modules() if isinstance(m, torch.nn.Linear)}
     for name, p in block.named_parameters():
-        if p.dim() >= 2 and id(p) not in linear_weights:
+        owned = any(name.startswith(owner + ".") for owner in owners)
+        if p.dim() >= 2 and id(p) not in linear_weights and not owned:
             raise StructureError(f"cannot derive the block's structure: parameter {name} ({p.dim()}-D) is not an "
                                  "nn.Linear weight, so it would stay unquantized")
 
@@ -285,38 +330,64 @@ def _branches(block, trace: _Trace, hidden, layer_kwargs) -> list | None:
 
 def derive(block, hidden: torch.Tensor, layer_kwargs: dict) -> BlockStructure:
     """The structure of `block`, from one call on `hidden` (a real calibration row) with the layer's arguments."""
-    trace = _trace(block, hidden, layer_kwargs)
+    experts = routed_experts.expert_modules(block)
+    trace = _trace(block, hidden, layer_kwargs, {path: routed_experts.zeros for path in experts})
     groups = _subgroups(block, trace)
     spans = _branches(block, trace, hidden, layer_kwargs)
     if spans:
         branches = []
         for calls, start, end, output, tail, scale in spans:
             inside = tuple(g for seq, g in groups if start < seq < end)
-            if output is not None and (not inside or inside[-1] != (output,)):
-                output, tail = None, 0
-            branches.append(Branch(calls, inside, output, tail, scale))
-        if sum(len(b.subgroups) for b in branches) == len(groups) and all(b.subgroups for b in branches):
+            paths = tuple(dict.fromkeys(path for seq, path, _ in trace.expert_calls if start < seq < end))
+            if paths or (output is not None and (not inside or inside[-1] != (output,))):
+                output, tail = None, 0  # an MoE branch's result is a sum, never one linear's output
+            branches.append(Branch(calls, inside, output, tail, scale, paths))
+        if (sum(len(b.subgroups) for b in branches) == len(groups)
+                and sum(len(b.experts) for b in branches) == len(experts)
+                and all(b.subgroups or b.experts for b in branches)):
             return BlockStructure(tuple(branches))
-    return BlockStructure((Branch((), tuple(g for _, g in groups)),))
+    return BlockStructure((Branch((), tuple(g for _, g in groups), experts=tuple(experts)),))
 
 
-def verify(block, structure: BlockStructure, hidden: torch.Tensor, layer_kwargs: dict, where: str) -> None:
-    """Runs the structure as the pipeline does (branch by branch, the output shortcut where there is one) and checks
-    the layer's output and every sub-group's input against the layer's own forward, bit for bit."""
-    trace = _trace(block, hidden, layer_kwargs)
+def group_sum(module, first: int, gate_up: torch.Tensor, down: torch.Tensor):
+    """An experts forward that returns the routed sum of experts first .. first + G - 1, computed by
+    `experts.add_routed` (the pipeline's arithmetic)."""
+    def forward(hidden, index, weights):
+        acc = torch.zeros_like(hidden)
+        routed_experts.add_routed(acc, RoutedCall(hidden, index, weights), module, first, gate_up, down)
+        return acc
+    return forward
+
+
+def verify(block, structure: BlockStructure, hidden: torch.Tensor, layer_kwargs: dict, where: str,
+           expert_group: dict | None = None) -> None:
+    """Runs the structure as the pipeline does (branch by branch, the output shortcut where there is one, experts
+    substituted) and checks the layer's output and every sub-group's input against the layer's own forward, bit for
+    bit. Experts: `expert_group` maps each experts module to one group's weights (first, gate_up, down); the layer's
+    own forward then runs the module's own loop restricted to that group, the structure runs `add_routed` on it."""
+    group = expert_group or {}
+    modules = {path: block.get_submodule(path) for path in structure.experts}
+    reference = {path: routed_experts.eager_group_forward(modules[path], *group[path]) for path in modules}
+    ours = {path: group_sum(modules[path], *group[path]) for path in modules}
+    trace = _trace(block, hidden, layer_kwargs, reference)
     inputs = {name: x for _, name, x, _ in trace.linear_calls}
+    calls = {path: call for _, path, call in trace.expert_calls}
     h = hidden
     for branch in structure.branches:
-        for group in branch.subgroups:
-            x = input_of(block, branch, group[0], h, layer_kwargs)
-            if not torch.equal(x, inputs[group[0]]):
+        for name in [g[0] for g in branch.subgroups]:
+            if not torch.equal(input_of(block, branch, name, h, layer_kwargs), inputs[name]):
                 raise StructureError(f"the derived structure of {where} does not reproduce the decoder layer: the "
-                                     f"input of {group[0]} differs; refusing to quantize with it")
+                                     f"input of {name} differs; refusing to quantize with it")
+        for path in branch.experts:
+            call = routed_call(block, branch, path, h, layer_kwargs)
+            if not all(torch.equal(a, b) for a, b in zip(vars(call).values(), vars(calls[path]).values())):
+                raise StructureError(f"the derived structure of {where} does not reproduce the decoder layer: the "
+                                     f"inputs or routing of {path} differ; refusing to quantize with it")
         if branch.output is not None:
             kept = input_of(block, branch, branch.output, h, layer_kwargs)
             h = output_from_kept(block, branch, h, kept, layer_kwargs)
         else:
-            h = branch_output(block, branch, h, layer_kwargs)
+            h = branch_output(block, branch, h, layer_kwargs, routed=ours)
     if not torch.equal(h, trace.output):
         diff = (h.float() - trace.output.float()).abs().max().item()
         raise StructureError(f"the derived structure of {where} does not reproduce the decoder layer (max abs "

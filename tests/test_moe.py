@@ -1,0 +1,216 @@
+"""Mixture-of-experts families on tiny real checkpoints (tests/factory.py: transformers' own configs and modules,
+8 experts, top-2, shards that split a block; DeepSeek-V3 and GLM-4.5 with a dense first layer): the streamed forward
+is the full model's, every expert of every MoE block is quantized under its stored names, routers are copied as
+stored, `leanfoem eval` agrees with plain transformers on source and output, a killed run resumes to the same bits,
+and bad MoE input gets one line. No family needs code: experts and routers are found in the block, their stored
+names in transformers' conversion mapping."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from factory import CALIB, MOE_FAMILIES, build_checkpoint
+from perplexity import eval_cli, reference_perplexity
+from test_families import SEQLEN, WINDOWS, streamed_logits
+from test_pipeline import assert_well_formed, index_of, quantize_cli
+from test_resume import assert_identical, kill_moments, run_with_kills
+from leanfoem.architectures import architecture_for
+from leanfoem.blocks import BlockRunner
+from leanfoem.checkpoint_reader import CheckpointReader
+from leanfoem.cli import main
+from leanfoem.evaluation import dense_tensors, gptq_settings
+from leanfoem.experts import RoutedCall, add_routed
+
+EXPERTS = 8
+
+
+def full_model(model_dir):
+    """The whole model the plain transformers way, with the eager experts loop (the arithmetic leanfoem replays;
+    transformers' default grouped_mm sums in another order)."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                experts_implementation="eager").eval()
+
+
+def expert_weights(model_dir) -> dict[str, torch.Tensor]:
+    """The per-expert weights of a checkpoint as stored (dequantized for a GPTQ one), by stored name."""
+    config = AutoConfig.from_pretrained(model_dir)
+    out = {}
+    for name, shard in index_of(model_dir).items():
+        if ".experts." in name:
+            with safe_open(str(model_dir / shard), "pt") as f:
+                out[name] = f.get_tensor(name)
+    return dense_tensors(out, gptq_settings(config))
+
+
+def dense_twin(out, where):
+    """The quantized checkpoint dequantized into a plain one (transformers fuses its experts when loading it)."""
+    config = AutoConfig.from_pretrained(out)
+    gptq = gptq_settings(config)
+    tensors = {}
+    for shard in sorted(set(index_of(out).values())):
+        with safe_open(str(out / shard), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    del config.quantization_config
+    config.save_pretrained(where)
+    save_file({k: v.contiguous() for k, v in dense_tensors(tensors, gptq).items()}, where / "model.safetensors")
+    return full_model(where)
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_streamed_forward_is_the_full_models_bit_for_bit(tmp_path, tokenizer_dir, family):
+    model_dir = build_checkpoint(tmp_path / family, tokenizer_dir, family=family)
+    ids = AutoTokenizer.from_pretrained(model_dir)(CALIB[:400], return_tensors="pt")["input_ids"][0, :SEQLEN]
+    with torch.no_grad():
+        expected = full_model(model_dir)(ids[None]).logits[0]
+    assert torch.equal(streamed_logits(model_dir, ids), expected)
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_every_expert_is_quantized_under_its_stored_name_and_evaluates_like_transformers(
+        tmp_path, calib_file, tokenizer_dir, capsys, family):
+    """Groups of 3 experts (8 = 3 + 3 + 2): routers, shared-expert gates and score-correction biases copied as
+    stored; every stored expert projection packed under its own name; the dequantized experts close to the
+    originals; the run log has each expert's routed tokens, Hessian tokens and damping; eval within 0.5% of plain
+    transformers on the source and on the output."""
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family=family)
+    block = max(int(n.split(".")[2]) for n in index_of(source) if ".experts." in n)  # an MoE block
+    assert len({v for k, v in index_of(source).items() if k.startswith(f"model.layers.{block}.")}) > 1
+    out = tmp_path / "out"
+    quantize_cli(source, out, calib_file, "--expert-group", "3")
+    capsys.readouterr()
+    assert_well_formed(out, source, 4, 64)
+    stored, written = index_of(source), index_of(out)
+    experts = [n[: -len(".weight")] for n in stored if ".experts." in n]
+    moe_blocks = {n.split(".experts.")[0] for n in experts}
+    assert len(experts) == EXPERTS * 3 * len(moe_blocks)
+    assert all(f"{name}.{part}" in written for name in experts for part in ("qweight", "qzeros", "scales", "g_idx"))
+    assert not any(n.endswith(".weight") and ".experts." in n for n in written)
+    kept = [n for n in stored if n.endswith(("gate.weight", "e_score_correction_bias"))]
+    assert kept and all(n in written for n in kept)
+    original, quantized = expert_weights(source), expert_weights(out)
+    errors = sorted(((quantized[n] - original[n].float()).norm() / original[n].float().norm()).item()
+                    for n in original)
+    assert errors[-1] < 0.2
+    events = [json.loads(line) for line in (out / "quantize_log.jsonl").read_text().splitlines()]
+    per_expert = [e for e in events if e["event"] == "expert"]
+    assert len(per_expert) == EXPERTS * len(moe_blocks)
+    assert all(e["hessian_tokens"] == 8 * SEQLEN and e["damp"] > 0 and e["routed_tokens"] >= 0 for e in per_expert)
+    assert sum(e["routed_tokens"] for e in per_expert) == 2 * 8 * SEQLEN * len(per_expert) // EXPERTS
+    assert [e["least_routed"] for e in events if e["event"] == "experts"]
+
+    ids = torch.tensor(AutoTokenizer.from_pretrained(source)(calib_file.read_text())["input_ids"])
+    assert eval_cli(source, calib_file, capsys, SEQLEN, WINDOWS) == pytest.approx(
+        reference_perplexity(full_model(source), ids, SEQLEN, WINDOWS), rel=0.005)
+    twin = dense_twin(out, tmp_path / "twin")
+    assert eval_cli(out, calib_file, capsys, SEQLEN, WINDOWS) == pytest.approx(
+        reference_perplexity(twin, ids, SEQLEN, WINDOWS), rel=0.005)
+
+
+def test_routed_sums_of_groups_are_the_experts_modules_output_bit_for_bit(tmp_path, tokenizer_dir):
+    """`add_routed` over groups of 3 into one accumulator equals the experts module's own eager forward with all
+    experts loaded: grouping changes nothing."""
+    model_dir = build_checkpoint(tmp_path / "m", tokenizer_dir, family="qwen3_moe", layers=1)
+    config = AutoConfig.from_pretrained(model_dir)
+    runner = BlockRunner(config, CheckpointReader(model_dir), architecture_for(config), torch.device("cpu"),
+                         torch.float32)
+    block = runner.load(0, runner.source_tensors(0))
+    module = block.mlp.experts
+    torch.manual_seed(0)
+    hidden = torch.randn(50, config.hidden_size)
+    _, weights, index = block.mlp.gate(hidden)
+    with torch.no_grad():
+        expected = module(hidden, index, weights)
+    acc = torch.zeros_like(hidden)
+    for first in range(0, EXPERTS, 3):
+        experts = range(first, min(first + 3, EXPERTS))
+        gate_up, down = runner.expert_weights(0, "mlp.experts", experts)
+        add_routed(acc, RoutedCall(hidden, index, weights), module, first, gate_up, down)
+    assert torch.equal(acc, expected)
+
+
+def test_routed_calibration_falls_back_to_all_tokens_for_an_expert_no_token_reaches(tmp_path, tokenizer_dir,
+                                                                                    calib_file):
+    """DeepSeek-V3 routing with expert 5's score-correction bias far below the others: no token is routed to it.
+    In routed mode it still gets quantized, from all tokens' statistics, and the log says so."""
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="deepseek_v3")
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    shard = source / index_of(source)[name]
+    with safe_open(str(shard), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[name][5] = -100.0
+    save_file(tensors, shard, metadata)
+    out = tmp_path / "out"
+    quantize_cli(source, out, calib_file, "--expert-calibration", "routed")
+    events = [json.loads(line) for line in (out / "quantize_log.jsonl").read_text().splitlines()]
+    five = next(e for e in events if e["event"] == "expert" and e["module"].endswith("experts.5"))
+    assert five["routed_tokens"] == 0 and five["hessian_tokens"] == 8 * SEQLEN and "all tokens" in five["fallback"]
+    others = [e for e in events if e["event"] == "expert" and not e["module"].endswith("experts.5")]
+    assert all(e["hessian_tokens"] == e["routed_tokens"] > 0 for e in others)
+    assert "model.layers.1.mlp.experts.5.down_proj.qweight" in index_of(out)
+    summary = next(e for e in events if e["event"] == "experts")
+    assert summary["least_routed"].startswith("5 (0)") and summary["all_token_fallbacks"] == 1
+
+
+def test_killed_moe_runs_resume_to_bit_identical_output(tmp_path, tokenizer_dir, calib_file):
+    """DeepSeek-V3 shaped (a dense first block, then an MoE block in groups of 3): SIGKILL at random moments, the
+    same command each time, and the output is the uninterrupted run's, bit for bit."""
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="deepseek_v3", layers=3)
+
+    def command(out):
+        return [sys.executable, "-m", "leanfoem", "quantize", "--model", str(source), "--out", str(out), "--calib",
+                str(calib_file), "--nsamples", "4", "--seqlen", "64", "--group-size", "64", "--expert-group", "3",
+                "--quiet"]
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(reference), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in (reference / "quantize_log.jsonl").read_text().splitlines()]
+    t0 = events[0]["time"] - 3.0  # start-up before the first record
+    timeline = [(e["event"], e["time"] - t0) for e in events if e["event"] in ("start", "block", "done")]
+    out = tmp_path / "killed"
+    landed = run_with_kills(command(out), out, reference, kill_moments(timeline, 3, seed=1))
+    assert landed, "no kill landed before the run finished"
+    assert_identical(reference, out)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing_expert", "tensor model.layers.1.mlp.experts.6.up_proj.weight is missing from the checkpoint"),
+    ("nan_router", "tensor model.layers.1.mlp.gate.weight holds NaN or Inf values"),
+])
+def test_bad_moe_input_gets_one_line_and_exit_2(tmp_path, tokenizer_dir, calib_file, capsys, damage, message):
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="qwen3_moe")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    if damage == "missing_expert":
+        name = "model.layers.1.mlp.experts.6.up_proj.weight"
+        shard = source / index["weight_map"].pop(name)
+        with safe_open(str(shard), "pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys() if k != name}, f.metadata()
+        save_file(tensors, shard, metadata)
+        (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        name = "model.layers.1.mlp.gate.weight"
+        shard = source / index["weight_map"][name]
+        with safe_open(str(shard), "pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors[name][3, 7] = float("nan")
+        save_file(tensors, shard, metadata)
+    capsys.readouterr()
+    code = main(["quantize", "--model", str(source), "--out", str(tmp_path / "out"), "--calib", str(calib_file),
+                 "--nsamples", "2", "--seqlen", "32", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_gptaq_is_refused_for_moe_models_up_front(tmp_path, tokenizer_dir, calib_file, capsys):
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="mixtral", layers=1)
+    capsys.readouterr()
+    code = main(["quantize", "--model", str(source), "--out", str(tmp_path / "out"), "--calib", str(calib_file),
+                 "--nsamples", "2", "--seqlen", "32", "--alpha", "0.25", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "GPTAQ" in err[0] and not (tmp_path / "out").exists()
