@@ -185,20 +185,23 @@ class BlockRunner:
     def source_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
         """The block's tensors as stored, keyed by full stored name; NaN/Inf rejected. `experts=False` leaves the
         per-expert tensors out (quantization reads them a group at a time)."""
-        prefix, layout = self.arch.block_prefix(index), self.layout(index)
-        names = [prefix + n for n in layout.plain.values()]
-        if experts:
-            names += [prefix + n for p in layout.fused.values() for pieces in p.pieces.values() for n in pieces]
+        prefix = self.arch.block_prefix(index)
+        names = self.reader.names(prefix) if experts else [prefix + n for n in self.layout(index).plain.values()]
+        if not names:
+            raise CheckpointError(f"the checkpoint holds no tensor of block {index} ({prefix}*)")
         return {name: check_finite(name, tensor) for name, tensor in self.reader.tensors(names).items()}
 
     def load(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """Block `index` on the device in the compute dtype, from its stored tensors; its experts too when their
-        tensors are among them."""
-        block, prefix, layout = self.layers[index], self.arch.block_prefix(index), self.layout(index)
-        for local, stored in layout.plain.items():
-            if prefix + stored not in tensors:
-                raise CheckpointError(f"tensor {prefix + stored} is missing from the checkpoint")
+        """Block `index` on the device in the compute dtype, from its stored tensors (full names); its experts too
+        when their tensors are among them (evaluation), else they stay on meta (quantization reads them a group at
+        a time)."""
+        block, prefix = self.layers[index], self.arch.block_prefix(index)
+        layout = self.stored_layout.block(prefix, list(tensors))
         expected = set(block.state_dict(keep_vars=True))  # parameters and persistent buffers (score biases)
+        if layout.fused:
+            _check_experts_complete(block, layout, prefix)
+        else:  # experts not handed in: their parameters stay on meta
+            expected -= {f"{path}.{name}" for path in expert_modules(block) for name in ("gate_up_proj", "down_proj")}
         missing = sorted(expected - layout.plain.keys() - layout.fused.keys())
         if missing:
             raise CheckpointError(f"tensor {prefix + missing[0]} is missing from the checkpoint")
@@ -206,9 +209,8 @@ class BlockRunner:
             if local in expected:
                 set_module_tensor_to_device(block, local, self.device, value=tensors[prefix + stored], dtype=self.dtype)
         for local, param in layout.fused.items():
-            if all(prefix + n in tensors for pieces in param.pieces.values() for n in pieces):
-                value = fuse([[tensors[prefix + n] for n in param.stored(e)] for e in sorted(param.pieces)])
-                set_module_tensor_to_device(block, local, self.device, value=value, dtype=self.dtype)
+            value = fuse([[tensors[prefix + n] for n in param.stored(e)] for e in sorted(param.pieces)])
+            set_module_tensor_to_device(block, local, self.device, value=value, dtype=self.dtype)
         return block
 
     def expert_weights(self, index: int, path: str, experts: range) -> tuple[torch.Tensor, torch.Tensor]:

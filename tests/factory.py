@@ -57,7 +57,6 @@ MOE_FAMILIES = {
         MOE, n_routed_experts=8, moe_intermediate_size=64, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
         topk_group=1, head_dim=32, pad_token_id=None)),
 }
-FAMILIES.update(MOE_FAMILIES)
 
 
 # Calibration text of the tiny-checkpoint tests (tokenizes to a few hundred tokens with the demo tokenizer).
@@ -68,7 +67,7 @@ CALIB = ("Now is the winter of our discontent made glorious summer by this sun o
 def build_checkpoint(out: Path, tokenizer_dir: Path, *, family: str = "llama", layers: int = 2, hidden: int = 128,
                      intermediate: int = 256, heads: int = 4, kv_heads: int = 2, tie: bool = True,
                      max_shard_size: str = "150KB", seed: int = 0, dtype=torch.bfloat16) -> Path:
-    config_cls, model_cls, extra = FAMILIES[family]
+    config_cls, model_cls, extra = {**FAMILIES, **MOE_FAMILIES}[family]
     if "layer_types" in extra:
         layers = len(extra["layer_types"])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
