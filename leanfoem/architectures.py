@@ -10,8 +10,8 @@ What must stay true:
 - no family name appears outside this file;
 - an override never states a block's sub-groups or branches: those are derived and verified bit for bit on
   the first block of every run (`structure.py`), so a wrong table cannot quantize silently;
-- a config that names no causal-LM class transformers knows, or one with routed experts (not supported yet),
-  is refused here, before any weight is read, with a one-line `UnsupportedArchitecture`.
+- a config that names no causal-LM class transformers knows is refused here, before any weight is read, with a
+  one-line `UnsupportedArchitecture`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,6 @@ OVERRIDES: dict[str, Architecture] = {
     "Gemma2ForCausalLM": Architecture(attention="eager"),
 }
 
-# Config fields that announce routed experts (the MoE work is a later issue).
-_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
 def architecture_for(config) -> Architecture:
     """The overrides of a config (a PretrainedConfig, or config.json as a dict: `plan` refuses what `quantize`
     refuses, with the same words), or UnsupportedArchitecture."""
@@ -62,9 +58,6 @@ def architecture_for(config) -> Architecture:
     if built is None or (names and built not in names):
         raise UnsupportedArchitecture(f"unsupported architecture {shown}: not a causal LM that transformers "
                                       f"builds from model_type {getattr(config, 'model_type', '?')!r}")
-    if any(getattr(config, field, None) for field in _EXPERT_FIELDS):
-        raise UnsupportedArchitecture(f"unsupported architecture {shown}: mixture-of-experts blocks are not "
-                                      "supported yet")
     return next((OVERRIDES[n] for n in names if n in OVERRIDES), DENSE)
 
 

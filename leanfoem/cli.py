@@ -144,6 +144,11 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--batch-tokens", type=_positive_int, default=None,
                    help="check this forward batch (default: choose the largest that fits)")
     p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (its size matters for small models)")
+    p.add_argument("--expert-calibration", choices=["all", "routed"], default="all",
+                   help="mixture-of-experts: each expert's statistics from all calibration tokens (default) or from "
+                        "the tokens routed to it")
+    p.add_argument("--expert-group", type=_positive_int, default=None, metavar="N",
+                   help="mixture-of-experts: check groups of N experts (default: the largest that fits)")
     p.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
     p.set_defaults(handler=run_plan)
 
@@ -159,7 +164,8 @@ def run_plan(args) -> int:
     architecture_for(config)  # a plan for a model that `quantize` refuses would be a promise it breaks
     result = plan(config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
-                  alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes)
+                  alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes,
+                  expert_calibration=args.expert_calibration, expert_group=args.expert_group)
     print(format_plan(result, args.model))
     if args.json:
         print(json.dumps(result.to_dict()))
