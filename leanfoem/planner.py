@@ -120,6 +120,8 @@ class Block:
 
 @dataclass
 class Shapes:
+    """What the budget needs to know of a model, from its config: the dense fields, MLA attention when the
+    config has LoRA ranks, routed and shared experts when it has an expert count, and the FP8 source format."""
     hidden: int
     intermediate: int
     layers: int
@@ -270,7 +272,8 @@ def shapes_from_config(config) -> Shapes:
     model_type = str(get("model_type", ""))
     layers, intermediate = int(get("num_hidden_layers")), int(get("intermediate_size"))
     experts = int(first(_EXPERT_COUNT, 0))
-    shared_count, shared_width = _shared_expert(get, experts, int(first(_EXPERT_WIDTH, intermediate)))
+    expert_width = int(first(_EXPERT_WIDTH, intermediate)) if experts else 0  # else intermediate_size wide
+    shared_count, shared_width = _shared_expert(get, experts, expert_width)
     return Shapes(hidden=hidden, intermediate=intermediate, layers=layers,
                   heads=heads, kv_heads=int(get("num_key_value_heads") or heads), head_dim=int(head_dim),
                   vocab=int(get("vocab_size")), tied=bool(get("tie_word_embeddings", False)),
@@ -278,10 +281,10 @@ def shapes_from_config(config) -> Shapes:
                   max_positions=get("max_position_embeddings"),
                   qkv_bias=bool(get("attention_bias", False)) or model_type == "qwen2",
                   qk_norm=model_type.startswith("qwen3"), latent=_latent_attention(get),
-                  experts=experts, expert_intermediate=int(first(_EXPERT_WIDTH, intermediate)) if experts else 0,
-                  top_k=int(first(_TOP_K, 1)) if experts else 0, shared_experts=shared_count,
-                  shared_intermediate=shared_width, shared_gate=bool(experts and get("shared_expert_intermediate_size")),
-                  moe_layers=sum(map(_is_moe_layer(get, experts), range(layers))), fp8_block=_fp8_block(get))
+                  experts=experts, expert_intermediate=expert_width, top_k=int(first(_TOP_K, 1)) if experts else 0,
+                  shared_experts=shared_count, shared_intermediate=shared_width,
+                  shared_gate=bool(experts and get("shared_expert_intermediate_size")),
+                  moe_layers=_moe_layer_count(get, experts, layers), fp8_block=_fp8_block(get))
 
 
 def _latent_attention(get) -> LatentAttention | None:
@@ -303,18 +306,22 @@ def _shared_expert(get, experts: int, expert_width: int) -> tuple[int, int]:
     return count, count * expert_width
 
 
-def _is_moe_layer(get, experts: int):
-    """Which layers route to experts: an explicit per-layer list, else the first-dense / sparse-step rules
-    (the rules of transformers' MoE decoder layers)."""
+def _moe_layer_count(get, experts: int, layers: int) -> int:
+    """How many layers route to experts: an explicit per-layer list (`mlp_layer_types`), else the rules of
+    transformers' MoE decoder layers (the first `first_k_dense_replace` layers dense, `mlp_only_layers` dense,
+    every `decoder_sparse_step`-th layer routed)."""
+    if not experts:
+        return 0
     types = get("mlp_layer_types")
+    if types:
+        return sum(t == "sparse" for t in types[:layers])
     first_dense, dense = int(get("first_k_dense_replace") or 0), set(get("mlp_only_layers") or [])
     step = int(get("decoder_sparse_step") or 1)
-    if types:
-        return lambda i: bool(experts) and types[i] == "sparse"
-    return lambda i: bool(experts) and i >= first_dense and i not in dense and (i + 1) % step == 0
+    return sum(i >= first_dense and i not in dense and (i + 1) % step == 0 for i in range(layers))
 
 
 def _fp8_block(get) -> tuple[int, int] | None:
+    """The block of one `weight_scale_inv` value when the checkpoint stores FP8 linears, else None."""
     q = get("quantization_config") or {}
     if q.get("quant_method") != "fp8":
         return None
@@ -527,8 +534,9 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     for b in blocks:
         phases = by_kind[b.kind]
         peak = max(phases, key=lambda name: dev_totals[name])
+        label = f" ({b.kind} blocks)" if moe else ""
         host_phases.update(_host_block_phases(s, b, kind, c, bt, seqlen, tokens, bits, group_size, group,
-                                              calibration, gptaq, phases[peak], label=f" ({b.kind} blocks)" if moe else ""))
+                                              calibration, gptaq, phases[peak], label))
     host_phases["writing the tensors outside the blocks"] = [("embedding / lm_head / norm + serialised copy",
                                                               2 * outside)]
     for phase, parts in host_phases.items():  # the tokenizer's memory is not handed back (measured: ~all of it)
@@ -762,8 +770,7 @@ def _format_experts(p: Plan) -> list[str]:
         shared = (f" (+{p.shared_experts} shared of {p.shared_intermediate // p.shared_experts})"
                   if p.shared_experts else "")
         lines.append(f"  experts       {p.experts} routed of {p.expert_intermediate}{shared} per block, top-{p.top_k}: "
-                     f"groups of {p.expert_group} experts ({p.expert_groups} group{'s' if p.expert_groups > 1 else ''})"
-                     f" -> --expert-group {p.expert_group}")
+                     f"groups of {p.expert_group} experts ({p.expert_groups} group{'s' if p.expert_groups > 1 else ''})")
         tokens = "all calibration tokens" if p.expert_calibration == "all" else "the tokens routed to it"
         lines.append(f"                {p.moe_blocks} MoE blocks of {p.moe_blocks + p.dense_blocks}; each expert's "
                      f"statistics from {tokens}; work files of the experts' inputs and routed outputs "
