@@ -68,7 +68,17 @@ def architecture_for(config) -> Architecture:
 
 
 def has_routed_experts(config) -> bool:
+    if isinstance(config, dict):
+        return any(config.get(field) for field in _EXPERT_FIELDS)
     return any(getattr(config, field, None) for field in _EXPERT_FIELDS)
+
+
+def check_terms_supported(config, alpha: float) -> None:
+    """The GPTAQ term needs each layer's inputs in the unquantized model too; for routed experts that stream is not
+    built yet. Refused up front (quantize and plan alike), before any weight is read."""
+    if alpha > 0 and has_routed_experts(config):
+        raise UnsupportedArchitecture("--alpha (the GPTAQ term) is not supported for mixture-of-experts models "
+                                      "yet; use --method foem or gptq")
 
 
 def _config_from_dict(fields: dict):

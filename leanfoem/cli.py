@@ -149,6 +149,11 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--batch-tokens", type=_positive_int, default=None,
                    help="check this forward batch (default: choose the largest that fits)")
     p.add_argument("--calib", default=None, metavar="FILE", help="calibration text (its size matters for small models)")
+    p.add_argument("--expert-calibration", choices=["all", "routed"], default="all",
+                   help="mixture-of-experts: each expert's statistics from all calibration tokens (default) or from "
+                        "the tokens routed to it")
+    p.add_argument("--expert-group", type=_positive_int, default=None, metavar="N",
+                   help="mixture-of-experts: check groups of N experts (default: the largest that fits)")
     p.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
     p.set_defaults(handler=run_plan)
 
@@ -156,15 +161,17 @@ def add_plan_parser(sub) -> None:
 def run_plan(args) -> int:
     import json
     import os
-    from .architectures import architecture_for
+    from .architectures import architecture_for, check_terms_supported
     from .planner import budgets_for, format_plan, load_config, plan
     kind, gpu, host = budgets_for(args.device, args.gpu_memory, args.host_memory)
     calib_bytes = os.path.getsize(args.calib) if args.calib and os.path.isfile(args.calib) else None
     config = load_config(args.model)
     architecture_for(config)  # a plan for a model that `quantize` refuses would be a promise it breaks
+    check_terms_supported(config, 0.0 if args.method in ("gptq", "rtn") else args.alpha)
     result = plan(config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
-                  alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes)
+                  alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes,
+                  expert_calibration=args.expert_calibration, expert_group=args.expert_group)
     print(format_plan(result, args.model))
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import __version__
 from .activations import ActivationReader, ActivationWriter, file_sha256
-from .architectures import UnsupportedArchitecture, architecture_for, has_routed_experts
+from .architectures import architecture_for, check_terms_supported
 from .blocks import BlockRunner, check_finite
 from .calibration import CalibrationError, load_calibration, rows_digest
 from .checkpoint_reader import CheckpointError, CheckpointReader
@@ -143,13 +143,11 @@ class QuantizeRun:
         if options.expert_calibration not in CALIBRATION_MODES:
             raise ValueError(f"--expert-calibration {options.expert_calibration!r}: choose one of "
                              f"{', '.join(CALIBRATION_MODES)}")
-        if self.gptaq and has_routed_experts(self.config):
-            raise UnsupportedArchitecture("--alpha (the GPTAQ term) is not supported for mixture-of-experts models "
-                                          "yet; use --method foem or gptq")
+        check_terms_supported(self.config, self.alpha)
         self.plan = self._plan()
         check_fits(self.plan)  # refuse up front, with the numbers, rather than run out of memory at block 40
         self.batch_tokens = self.plan.batch_tokens
-        self.expert_group = options.expert_group or getattr(self.plan, "expert_group", None)
+        self.expert_group = self.plan.expert_group  # None for a dense model
         self.fingerprint = self._fingerprint()
         self.work = self.out / WORK_DIR_NAME
 
@@ -161,7 +159,8 @@ class QuantizeRun:
         return plan(self.config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=len(self.rows),
                     seqlen=self.seqlen, bits=o.bits, group_size=o.group_size, method=o.method, alpha=self.alpha,
                     beta=self.beta, batch_tokens=o.batch_tokens,
-                    calib_bytes=calib.stat().st_size if calib.is_file() else None)
+                    calib_bytes=calib.stat().st_size if calib.is_file() else None,
+                    expert_calibration=o.expert_calibration, expert_group=o.expert_group)
 
     def _fingerprint(self) -> dict:
         shards = {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}

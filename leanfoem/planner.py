@@ -25,6 +25,23 @@ The model follows what the pipeline does (pipeline.py, hessian.py, solver.py), p
   (fast), and "file" when they must stream from disk (correct, slower);
 - the end: the tensors outside the blocks (embedding, lm_head if untied, final norm) read and written.
 
+Mixture-of-experts models (config fields, not family names: `Shapes.blocks` tells dense blocks from MoE ones, MLA
+attention from GQA). An MoE block's attention and shared expert(s) are planned as a dense block's sub-groups; its
+routers stay unquantized (copied). Its routed experts are processed in groups of `Plan.expert_group` experts,
+each group's peak being the largest of (`_expert_phases`):
+- the group's weights in the compute dtype, next to the block's other weights;
+- the gate/up Hessian state: with `expert_calibration="all"` one H×H fp32 Hessian for the whole block (every
+  expert sees every token) and its fp32 factor U kept across the groups; with "routed" one H×H per expert;
+- the stacked gate/up solve ([G·2I, H]: W, W₀ and the solver's temporaries, as for a dense sub-group), the G
+  down_proj Hessians (I×I fp32) with one fp64 factorisation at a time, the stacked down_proj solve [G·H, I];
+- the forward of one batch through one expert at a time (3·I values per token) and its fp32 routed outputs.
+On the host an MoE block adds the group's tensors as stored (FP8 sources, `quantization_config.quant_method`
+"fp8": one byte per weight plus the block scales, and one tensor dequantized at a time), the packed experts of the
+block so far, the routing of all calibration tokens (top-k ids and weights), and two work files that live in the
+page cache like the activation stores: the experts' inputs (T×H, compute dtype) and the fp32 sum of their routed
+outputs (T×H). The group is the largest that fits both budgets, a divisor of the expert count when possible
+(`_expert_group`); when one expert per group does not fit, the plan says so with the numbers.
+
 What must stay true: `plan()` needs a config (a `PretrainedConfig`, a dict, or a directory holding
 config.json) and nothing else — no weights, no tokenizer, no accelerator. Every number it prints is a
 sum of named items (`Plan.items`), so a forecast that is off can be traced to the item that is off.
@@ -69,8 +86,42 @@ class PlanDoesNotFit(ValueError):
     """The run cannot fit the memory budget; the message is one line with the numbers."""
 
 
+@dataclass(frozen=True)
+class LatentAttention:
+    """Multi-head latent attention (MLA): queries and keys/values pass through low-rank projections."""
+    q_lora_rank: int | None    # None: one q_proj [heads·qk, H] instead of q_a_proj / q_b_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kind of decoder block, without its routed experts: the linears quantized as sub-groups (attention,
+    then the dense MLP or the shared expert), in quantization order, and what is copied as it is.
+    A dense model has one kind; a mixture-of-experts model has MoE blocks and possibly dense ones."""
+    kind: str                                            # "dense" or "MoE"
+    count: int                                           # blocks of this kind in the model
+    linears: dict[str, tuple[int, int]]                  # (out, in) of every quantized linear
+    subgroups: list[tuple[tuple[str, ...], int]]         # sub-groups and the width n of their shared input
+    other_params: int                                    # norms, biases, routers: copied as they are
+    mlp_width: int                                       # the dense MLP's intermediate (0: none)
+    routed: bool                                         # has routed experts
+
+    @property
+    def linear_params(self) -> int:
+        return sum(r * n for r, n in self.linears.values())
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
 @dataclass
 class Shapes:
+    """What the budget needs to know of a model, from its config: the dense fields, MLA attention when the
+    config has LoRA ranks, routed and shared experts when it has an expert count, and the FP8 source format."""
     hidden: int
     intermediate: int
     layers: int
@@ -79,24 +130,78 @@ class Shapes:
     head_dim: int
     vocab: int
     tied: bool
-    stored_bytes: int          # bytes per stored weight value (2 for bf16/fp16, 4 for fp32)
+    stored_bytes: int          # bytes per stored value outside FP8 linears (2 for bf16/fp16, 4 for fp32)
     max_positions: int | None
     qkv_bias: bool
     qk_norm: bool
+    latent: LatentAttention | None = None
+    experts: int = 0                # routed experts of an MoE block (0: a dense model)
+    expert_intermediate: int = 0
+    top_k: int = 0
+    shared_experts: int = 0         # shared experts, fused into one dense MLP of `shared_intermediate`
+    shared_intermediate: int = 0
+    shared_gate: bool = False       # a [1, H] sigmoid gate on the shared expert's output
+    moe_layers: int = 0
+    fp8_block: tuple[int, int] | None = None   # FP8 source: the block one weight_scale_inv value scales
+
+    @property
+    def attention_linears(self) -> dict[str, tuple[int, int]]:
+        h, m = self.hidden, self.latent
+        if m is None:
+            q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+        qk, heads = m.qk_nope_head_dim + m.qk_rope_head_dim, self.heads
+        queries = ({"q_proj": (heads * qk, h)} if m.q_lora_rank is None else
+                   {"q_a_proj": (m.q_lora_rank, h), "q_b_proj": (heads * qk, m.q_lora_rank)})
+        return {**queries, "kv_a_proj_with_mqa": (m.kv_lora_rank + m.qk_rope_head_dim, h),
+                "kv_b_proj": (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+                "o_proj": (h, heads * m.v_head_dim)}
+
+    @property
+    def attention_subgroups(self) -> list[tuple[tuple[str, ...], int]]:
+        m = self.latent
+        if m is None:
+            return [(("q_proj", "k_proj", "v_proj"), self.hidden), (("o_proj",), self.heads * self.head_dim)]
+        if m.q_lora_rank is None:
+            queries = [(("q_proj", "kv_a_proj_with_mqa"), self.hidden)]
+        else:
+            queries = [(("q_a_proj", "kv_a_proj_with_mqa"), self.hidden), (("q_b_proj",), m.q_lora_rank)]
+        return queries + [(("kv_b_proj",), m.kv_lora_rank), (("o_proj",), self.heads * m.v_head_dim)]
+
+    @property
+    def attention_width(self) -> int:
+        """Values per token of the attention's projected states (the forward's activations)."""
+        m = self.latent
+        if m is None:
+            return (self.heads + self.kv_heads) * self.head_dim
+        return self.heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.qk_nope_head_dim + m.v_head_dim)
+
+    @property
+    def attention_other_params(self) -> int:
+        """Norms and biases of a block's attention branch and its two residual norms."""
+        extra = 2 * self.hidden
+        if self.qkv_bias:
+            extra += (self.heads + 2 * self.kv_heads) * self.head_dim
+        if self.qk_norm:
+            extra += 2 * self.head_dim
+        if self.latent is not None:  # q_a_layernorm, kv_a_layernorm
+            extra += (self.latent.q_lora_rank or 0) + self.latent.kv_lora_rank
+        return extra
+
+    def _mlp(self, width: int, prefix: str = "") -> tuple[dict, list]:
+        h = self.hidden
+        linears = {f"{prefix}gate_proj": (width, h), f"{prefix}up_proj": (width, h), f"{prefix}down_proj": (h, width)}
+        return linears, [((f"{prefix}gate_proj", f"{prefix}up_proj"), h), ((f"{prefix}down_proj",), width)]
 
     @property
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of every quantized linear of a block."""
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        """(out, in) of every quantized linear of a dense block."""
+        return {**self.attention_linears, **self._mlp(self.intermediate)[0]}
 
     @property
     def subgroups(self) -> list[tuple[tuple[str, ...], int]]:
-        """Sub-groups in quantization order and the width n of their shared input (the Hessian's size)."""
-        q = self.heads * self.head_dim
-        return [(("q_proj", "k_proj", "v_proj"), self.hidden), (("o_proj",), q),
-                (("gate_proj", "up_proj"), self.hidden), (("down_proj",), self.intermediate)]
+        """Sub-groups of a dense block in quantization order and the width n of their shared input."""
+        return self.attention_subgroups + self._mlp(self.intermediate)[1]
 
     @property
     def linear_params(self) -> int:
@@ -104,38 +209,123 @@ class Shapes:
 
     @property
     def other_params(self) -> int:
-        """Norms and biases of a block (copied as they are)."""
-        extra = 2 * self.hidden
-        if self.qkv_bias:
-            extra += (self.heads + 2 * self.kv_heads) * self.head_dim
-        if self.qk_norm:
-            extra += 2 * self.head_dim
-        return extra
+        """Norms and biases of a dense block (copied as they are)."""
+        return self.attention_other_params
 
     @property
     def block_params(self) -> int:
         return self.linear_params + self.other_params
 
     @property
+    def expert_linears(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of one routed expert's linears, as stored (one tensor each)."""
+        return self._mlp(self.expert_intermediate)[0]
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden * self.expert_intermediate
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The kinds of decoder block of this model, dense ones first."""
+        kinds = []
+        if self.layers > self.moe_layers:
+            kinds.append(Block("dense", self.layers - self.moe_layers, self.linears, self.subgroups,
+                               self.other_params, self.intermediate, routed=False))
+        if self.moe_layers:
+            linears, subgroups = dict(self.attention_linears), list(self.attention_subgroups)
+            if self.shared_intermediate:
+                mlp, groups = self._mlp(self.shared_intermediate, "shared_expert.")
+                linears.update(mlp)
+                subgroups += groups
+            # the router [E, H] (and a score-correction bias [E]), the shared expert's gate [1, H]
+            router = self.experts * (self.hidden + 1) + (self.hidden if self.shared_gate else 0)
+            kinds.append(Block("MoE", self.moe_layers, linears, subgroups, self.attention_other_params + router,
+                               self.shared_intermediate, routed=True))
+        return kinds
+
+    @property
     def outside_params(self) -> int:
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def stored_linear_bytes(self, params: int) -> int:
+        """Bytes of `params` linear weights as stored: FP8 values plus one fp32 scale per block, or the dtype."""
+        if self.fp8_block is None:
+            return params * self.stored_bytes
+        return params + 4 * math.ceil(params / (self.fp8_block[0] * self.fp8_block[1]))
+
+
+# Config fields, first match wins: transformers' MoE families spell the same fact differently.
+_EXPERT_COUNT = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
+_EXPERT_WIDTH = ("moe_intermediate_size", "expert_intermediate_size")
+_TOP_K = ("num_experts_per_tok", "moe_topk", "top_k")
 
 
 def shapes_from_config(config) -> Shapes:
     c = _config_dict(config)
     text = c.get("text_config") or {}
     get = lambda k, default=None: c.get(k, text.get(k, default))  # noqa: E731
+    first = lambda names, default=None: next((get(k) for k in names if get(k)), default)  # noqa: E731
     hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
     head_dim = get("head_dim") or hidden // heads
     dtype = str(get("dtype") or get("torch_dtype") or "bfloat16").removeprefix("torch.")
     model_type = str(get("model_type", ""))
-    return Shapes(hidden=hidden, intermediate=int(get("intermediate_size")), layers=int(get("num_hidden_layers")),
+    layers, intermediate = int(get("num_hidden_layers")), int(get("intermediate_size"))
+    experts = int(first(_EXPERT_COUNT, 0))
+    expert_width = int(first(_EXPERT_WIDTH, intermediate)) if experts else 0  # else intermediate_size wide
+    shared_count, shared_width = _shared_expert(get, experts, expert_width)
+    return Shapes(hidden=hidden, intermediate=intermediate, layers=layers,
                   heads=heads, kv_heads=int(get("num_key_value_heads") or heads), head_dim=int(head_dim),
                   vocab=int(get("vocab_size")), tied=bool(get("tie_word_embeddings", False)),
                   stored_bytes=4 if dtype in ("float32", "float") else 2,
                   max_positions=get("max_position_embeddings"),
                   qkv_bias=bool(get("attention_bias", False)) or model_type == "qwen2",
-                  qk_norm=model_type.startswith("qwen3"))
+                  qk_norm=model_type.startswith("qwen3"), latent=_latent_attention(get),
+                  experts=experts, expert_intermediate=expert_width, top_k=int(first(_TOP_K, 1)) if experts else 0,
+                  shared_experts=shared_count, shared_intermediate=shared_width,
+                  shared_gate=bool(experts and get("shared_expert_intermediate_size")),
+                  moe_layers=_moe_layer_count(get, experts, layers), fp8_block=_fp8_block(get))
+
+
+def _latent_attention(get) -> LatentAttention | None:
+    """MLA when the config names a key/value LoRA rank (its `head_dim`, if any, is then the rope part only)."""
+    if not get("kv_lora_rank"):
+        return None
+    return LatentAttention(q_lora_rank=get("q_lora_rank") or None, kv_lora_rank=int(get("kv_lora_rank")),
+                           qk_nope_head_dim=int(get("qk_nope_head_dim")), qk_rope_head_dim=int(get("qk_rope_head_dim")),
+                           v_head_dim=int(get("v_head_dim")))
+
+
+def _shared_expert(get, experts: int, expert_width: int) -> tuple[int, int]:
+    """(count, fused width) of the shared expert(s): one MLP of its own width, or n experts' widths fused."""
+    if not experts:
+        return 0, 0
+    if get("shared_expert_intermediate_size"):
+        return 1, int(get("shared_expert_intermediate_size"))
+    count = int(get("n_shared_experts") or get("num_shared_experts") or 0)
+    return count, count * expert_width
+
+
+def _moe_layer_count(get, experts: int, layers: int) -> int:
+    """How many layers route to experts: an explicit per-layer list (`mlp_layer_types`), else the rules of
+    transformers' MoE decoder layers (the first `first_k_dense_replace` layers dense, `mlp_only_layers` dense,
+    every `decoder_sparse_step`-th layer routed)."""
+    if not experts:
+        return 0
+    types = get("mlp_layer_types")
+    if types:
+        return sum(t == "sparse" for t in types[:layers])
+    first_dense, dense = int(get("first_k_dense_replace") or 0), set(get("mlp_only_layers") or [])
+    step = int(get("decoder_sparse_step") or 1)
+    return sum(i >= first_dense and i not in dense and (i + 1) % step == 0 for i in range(layers))
+
+
+def _fp8_block(get) -> tuple[int, int] | None:
+    """The block of one `weight_scale_inv` value when the checkpoint stores FP8 linears, else None."""
+    q = get("quantization_config") or {}
+    if q.get("quant_method") != "fp8":
+        return None
+    return tuple(q.get("weight_block_size") or (128, 128))
 
 
 def _config_dict(config) -> dict:
@@ -185,6 +375,18 @@ class Plan:
     items: list[Item] = field(default_factory=list)
     device_phases: dict[str, int] = field(default_factory=dict)   # forecast of every phase, for tracing
     host_phases: dict[str, int] = field(default_factory=dict)
+    experts: int = 0                  # routed experts per MoE block (0: a dense model)
+    expert_intermediate: int = 0
+    top_k: int = 0
+    shared_experts: int = 0           # fused into one dense MLP of shared_intermediate
+    shared_intermediate: int = 0
+    expert_group: int | None = None   # experts loaded, accumulated and solved together (None: no experts)
+    expert_groups: int = 0            # groups per MoE block (the last one shorter when expert_group does not divide)
+    expert_calibration: str | None = None   # "all" (every expert sees every token) or "routed"
+    moe_blocks: int = 0
+    dense_blocks: int = 0
+    expert_files_bytes: int = 0       # work files of an MoE block: the experts' inputs + the routed-output accumulator
+    source_fp8: bool = False          # linears stored as FP8 with block scales, dequantized tensor by tensor
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,15 +417,20 @@ def format_size(n: int | None) -> str:
 def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, host_memory: int | str | None = None,
          nsamples: int = 128, seqlen: int = 2048, bits: int = 4, group_size: int = 128, method: str = "foem",
          alpha: float = 0.0, beta: float = 0.2, batch_tokens: int | None = None, calib_bytes: int | None = None,
-         checkpoint_format: str = "gptq") -> Plan:
+         checkpoint_format: str = "gptq", expert_calibration: str = "all", expert_group: int | None = None) -> Plan:
     """The budget of `leanfoem quantize` for this config and these settings.
 
     `device`: "cpu" or "cuda" (a "cuda:N" works too). `gpu_memory`/`host_memory`: the budgets, bytes or
     strings like "24GiB" (None: not checked). `batch_tokens=None` lets the planner choose the largest power-of-two
     batch that fits (≤ 16384 tokens on CUDA, ≤ 4096 on the CPU, ≥ one row); a given value is kept and
     checked. `calib_bytes`: size of the calibration text file (its tokenization is a peak of small runs; default the bundled text).
+    Mixture-of-experts models: `expert_calibration` "all" (every expert's statistics from all calibration tokens)
+    or "routed" (from the tokens routed to it); `expert_group=None` lets the planner choose how many experts are
+    loaded and solved together (`_expert_group`), a given value is kept and checked.
     """
     del checkpoint_format  # same sizes in both formats
+    if expert_calibration not in ("all", "routed"):
+        raise ValueError(f"expert_calibration must be 'all' or 'routed', not {expert_calibration!r}")
     shapes = config if isinstance(config, Shapes) else shapes_from_config(config)
     kind = "cpu" if str(device).startswith("cpu") else "cuda"
     gpu_budget, host_budget = parse_size(gpu_memory), parse_size(host_memory)
@@ -232,76 +439,82 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
         beta = 0.0
     seqlen = min(seqlen, shapes.max_positions or seqlen)
     calib_bytes = DEFAULT_CALIBRATION_BYTES if calib_bytes is None else calib_bytes
+
+    def at(tokens: int, group: int | None) -> Plan:
+        return _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method, gptaq,
+                          beta, tokens, calib_bytes, group, expert_calibration)
+
     if batch_tokens is not None:
-        return _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method,
-                          gptaq, beta, batch_tokens, calib_bytes)
-    # On CUDA a larger batch feeds the card better (up to 16384 tokens); on the CPU it only costs memory.
-    largest = 1 << 14 if kind == "cuda" else DEFAULT_BATCH_TOKENS
+        batches = [batch_tokens]
+    else:  # on CUDA a larger batch feeds the card better (up to 16384 tokens); on the CPU it only costs memory
+        largest = 1 << 14 if kind == "cuda" else DEFAULT_BATCH_TOKENS
+        batches = [max(tokens, seqlen) for tokens in (1 << k for k in range(14, 5, -1)) if tokens <= largest]
+    group = None
+    if shapes.moe_layers:
+        # Fewer groups first (each group is one more pass over the experts' inputs), then the largest batch.
+        group = (min(max(1, expert_group), shapes.experts) if expert_group is not None
+                 else _expert_group(lambda g: at(batches[-1], g).fits, shapes.experts))
+        if group is None:
+            refused = at(batches[-1], 1)
+            refused.reasons = [f"even with one expert per group, {reason}" for reason in refused.reasons]
+            return refused
     chosen = None
-    for tokens in [1 << k for k in range(14, 5, -1)]:
-        if tokens > largest:
-            continue
-        chosen = _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method,
-                            gptaq, beta, max(tokens, seqlen), calib_bytes)
+    for tokens in batches:
+        chosen = at(tokens, group)
         if chosen.fits:
             return chosen
     return chosen  # the smallest batch: does not fit, and says why
 
 
+def _expert_group(fits, experts: int) -> int | None:
+    """The expert-group size, or None when not even one expert fits. Memory grows with the group, so the largest
+    group that fits is found by bisection; then a divisor of the expert count is preferred (equal groups) unless
+    the largest divisor that fits is under half that size (a prime count): then the fewest, balanced groups."""
+    if not fits(1):
+        return None
+    low, high = 1, experts
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    divisor = max(d for d in range(1, low + 1) if experts % d == 0)
+    return divisor if 2 * divisor >= low else math.ceil(experts / math.ceil(experts / low))
+
+
 def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method, gptaq, beta,
-               batch_tokens, calib_bytes) -> Plan:
+               batch_tokens, calib_bytes, group=None, calibration="all") -> Plan:
     c = 4 if kind == "cpu" else 2                     # compute dtype bytes
-    h, inter = s.hidden, s.intermediate
+    h = s.hidden
     rows = min(nsamples, max(1, batch_tokens // seqlen))  # pipeline._batches: whole rows, at least one
     bt = rows * seqlen                                 # tokens in one forward batch
     tokens = nsamples * seqlen
-    n_max = max(n for _, n in s.subgroups)
-    # the layers of a sub-group are solved as one stacked matrix (pipeline._quantize_group)
-    r_max, n_solve = max(((sum(s.linears[m][0] for m in names), n) for names, n in s.subgroups),
-                         key=lambda rn: rn[1] * (rn[1] + rn[0]))
-    block = s.block_params * c
-    stored_block = s.block_params * s.stored_bytes
+    moe = bool(s.moe_layers)
+    blocks = s.blocks
     store = tokens * h * c
     streams = 2 if gptaq else 1
     stores = 3 * streams  # per stream: block inputs, kept o_proj inputs, after-attention states (pipeline._advance)
     # On the CPU the down_proj's inputs are kept too (a file intermediate/hidden stores wide, alive in the MLP
     # branch next to three stores) when that fits in RAM: reading them back costs far less than the gate/up
     # forward that would recompute them. On CUDA recomputing them is the cheaper side.
-    wide_store = tokens * inter * c
+    keep_width = max(b.mlp_width for b in blocks)
+    wide_store = tokens * keep_width * c
     mlp_branch_store = 3 * store + wide_store
+    # An MoE block adds two work files: the experts' inputs (compute dtype) and the fp32 sum of their routed outputs.
+    expert_files = tokens * h * (c + 4) if moe else 0
+    batch_in = bt * h * c
     items: list[Item] = []
 
     # -- the block work (device on CUDA, host on the CPU) --------------------------------------------------------
-    dev_phases: dict[str, list[tuple[str, int]]] = {}
-    blocks = [("block weights (compute dtype)", block)] + ([("native block copy (GPTAQ)", block)] if gptaq else [])
-    fwd_per_token = c * (5 * h + 3 * (s.heads + s.kv_heads) * s.head_dim + 3 * inter) + 8 * h
-    forward = bt * fwd_per_token + rows * s.heads * seqlen * 8  # + sdpa (flash / memory-efficient) workspace
-    batch_in = bt * h * c
-    chunk = min(HESSIAN_CHUNK_TOKENS, bt) * n_max * 4 if c != 4 else 0
-    hess = n_max * n_max * 4
-    cross = hess if gptaq else 0
-    dev_phases["hessian pass"] = blocks + [
-        ("H fp32 (widest sub-group)", hess), ("GPTAQ cross term fp32", cross),
-        ("forward batch (activations, MLP intermediates, sdpa)", forward * (2 if gptaq else 1)),
-        ("batch inputs", batch_in * (2 if gptaq else 1)),
-        ("fp32 chunk of inputs", chunk * (3 if gptaq else 1))]
-    fp64 = n_max * n_max * 8
-    dev_phases["factorisation (down_proj)"] = blocks + [
-        ("H fp32", hess), ("GPTAQ cross term fp32", cross),
-        ("fp64 factorisation buffers", fp64 if kind == "cpu" else 2 * fp64)]
-    if gptaq:
-        dev_phases["GPTAQ P = α·triu(C·Uᵀ)·U"] = blocks + [("U, C, copy of C, two products (fp32)", 5 * hess)]
-    rn = r_max * n_solve
-    u = n_solve * n_solve * 4
-    solve = rn * (4 + (4 if beta else 0) + 1) + SOLVER_BLOCK * r_max * 4 * 6
-    dequant = rn * 1 + rn * 4 + COLUMN_CHUNK * r_max * 4 * 3
-    dev_phases["column loop (widest layer)"] = blocks + [
-        ("U fp32", u), ("GPTAQ P fp32", u if gptaq else 0),
-        ("W, W₀ fp32, codes, block temporaries", max(solve, dequant))]
-    dev_phases["propagation"] = blocks + [("forward batch", forward), ("batch inputs and outputs", 2 * batch_in)]
-    if kind == "cuda":
-        for parts in dev_phases.values():
-            parts.append(("CUDA context, cuBLAS workspace", CUDA_CONTEXT))
+    by_kind: dict[str, dict[str, list[tuple[str, int]]]] = {}
+    for b in blocks:
+        phases = {(f"{b.kind} blocks: " if moe else "") + name: parts
+                  for name, parts in _block_phases(s, b, kind, c, bt, rows, seqlen, gptaq, beta).items()}
+        if b.routed:
+            phases.update(_expert_phases(s, b, kind, c, bt, group, calibration, gptaq, beta))
+        if kind == "cuda":
+            for parts in phases.values():
+                parts.append(("CUDA context, cuBLAS workspace", CUDA_CONTEXT))
+        by_kind[b.kind] = phases
+    dev_phases = {name: parts for phases in by_kind.values() for name, parts in phases.items()}
     dev_totals = {phase: sum(b for _, b in parts) for phase, parts in dev_phases.items()}
     dev_phase = max(dev_totals, key=dev_totals.get)
     device_peak = dev_totals[dev_phase]
@@ -312,23 +525,20 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     tokenizer = TOKENIZER_FIXED + TOKENIZER_PER_VOCAB * s.vocab
     embed = s.vocab * h * s.stored_bytes
     outside = s.outside_params * s.stored_bytes
-    packed_block = _packed_bytes(s, bits, group_size)
     host_phases: dict[str, list[tuple[str, int]]] = {
         "tokenizing the calibration text": [("tokenizer", tokenizer),
                                             ("encodings of the calibration text", TOKENIZE_PER_TEXT_BYTE * calib_bytes)],
         "first inputs (embedding)": [("embed_tokens + its shard pages while read", 2 * embed),
                                      ("rows being written to the first activation store", seqlen * h * c)],
-        "reading a block": [("block tensors as stored + shard pages while read", 2 * stored_block)],
-        "block work": [("BLAS / oneDNN buffers, modeling code", COMPUTE_RUNTIME),
-                       ("block tensors as stored (norms, biases kept)", s.other_params * s.stored_bytes),
-                       ("packed layers of the block so far", packed_block)],
-        "writing the tensors outside the blocks": [("embedding / lm_head / norm + serialised copy", 2 * outside)],
     }
-    if kind == "cpu":
-        host_phases["block work"] += dev_phases[dev_phase]
-    else:
-        host_phases["block work"] += [("a batch read from the store (rows + stacked copy)", 2 * batch_in),
-                                      ("one output row copied back", seqlen * h * c)]
+    for b in blocks:
+        phases = by_kind[b.kind]
+        peak = max(phases, key=lambda name: dev_totals[name])
+        label = f" ({b.kind} blocks)" if moe else ""
+        host_phases.update(_host_block_phases(s, b, kind, c, bt, seqlen, tokens, bits, group_size, group,
+                                              calibration, gptaq, phases[peak], label))
+    host_phases["writing the tensors outside the blocks"] = [("embedding / lm_head / norm + serialised copy",
+                                                              2 * outside)]
     for phase, parts in host_phases.items():  # the tokenizer's memory is not handed back (measured: ~all of it)
         if phase != "tokenizing the calibration text":
             parts.insert(0, ("tokenizer memory kept by the allocator", tokenizer))
@@ -340,19 +550,24 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     # else they stream from disk ("file": correct, slower). Neither counts in the resident set.
     required_phase = max(host_totals, key=host_totals.get)
     required = host_totals[required_phase]
-    in_ram = host_budget is None or max(required, host_totals["block work"] + stores * store) <= host_budget
-    keeps_mlp_inputs = in_ram and kind == "cpu" and (
-        host_budget is None or host_totals["block work"] + streams * mlp_branch_store <= host_budget)
-    work_stores = streams * max(3 * store, mlp_branch_store if keeps_mlp_inputs else 0)
+    block_work = max(total for phase, total in host_totals.items()
+                     if phase.startswith(("block work", "reading an expert group")))
+    in_ram = host_budget is None or max(required, block_work + stores * store + expert_files) <= host_budget
+    keeps_mlp_inputs = in_ram and kind == "cpu" and keep_width > 0 and (
+        host_budget is None or block_work + streams * mlp_branch_store <= host_budget)
+    work_stores = streams * max(3 * store, mlp_branch_store if keeps_mlp_inputs else 0) + expert_files
     host_phase = max(host_totals, key=host_totals.get)
     host_peak = host_totals[host_phase]
     items += [Item(name, b, "host", host_phase) for name, b in host_phases[host_phase] if b]
 
     # -- disk --------------------------------------------------------------------------------------------------------
-    disk_output = s.layers * (packed_block + s.other_params * 2) + outside
+    packed_expert = _packed_bytes(s.expert_linears, bits, group_size) if moe else 0
+    disk_output = sum(b.count * (_packed_bytes(b.linears, bits, group_size) + b.other_params * 2
+                                 + (s.experts * packed_expert if b.routed else 0)) for b in blocks) + outside
     disk_work = work_stores
     items += [Item("output checkpoint", disk_output, "disk", "end"),
-              Item(f"work files: {stores} activation stores" + (" + kept down_proj inputs" if keeps_mlp_inputs else ""),
+              Item(f"work files: {stores} activation stores" + (" + kept down_proj inputs" if keeps_mlp_inputs else "")
+                   + (" + the experts' inputs and their routed-output accumulator" if moe else ""),
                    disk_work, "disk", "block boundary")]
 
     reasons = []
@@ -362,23 +577,155 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     if host_budget is not None and required > host_budget:
         reasons.append(f"host peak {format_size(required)} ({required_phase}) exceeds the host budget "
                        f"{format_size(host_budget)}")
+    widths = [n for b in blocks for _, n in b.subgroups] + ([h, s.expert_intermediate] if moe else [])
     return Plan(device=kind, compute_dtype="float32" if c == 4 else "half (bf16/fp16 as stored)",
                 device_peak_bytes=int(device_peak), device_peak_phase=dev_phase, host_peak_bytes=int(host_peak),
                 host_peak_phase=host_phase, host_required_bytes=int(required), disk_output_bytes=int(disk_output),
                 disk_work_bytes=int(disk_work), disk_bytes=int(disk_output + disk_work), batch_tokens=int(bt),
                 rows_per_batch=rows, seqlen=seqlen, calibration_tokens=tokens,
-                hessian_chunk_tokens=min(HESSIAN_CHUNK_TOKENS, bt), hessian_width=n_max,
+                hessian_chunk_tokens=min(HESSIAN_CHUNK_TOKENS, bt), hessian_width=max(widths),
                 activation_store="ram" if in_ram else "file", store_bytes=int(store), stores=stores,
                 keeps_mlp_inputs=keeps_mlp_inputs,
                 gpu_memory=gpu_budget, host_memory=host_budget, fits=not reasons, reasons=reasons, items=items,
                 device_phases={k: int(v) for k, v in dev_totals.items()},
-                host_phases={k: int(v) for k, v in host_totals.items()})
+                host_phases={k: int(v) for k, v in host_totals.items()},
+                experts=s.experts if moe else 0, expert_intermediate=s.expert_intermediate if moe else 0,
+                top_k=s.top_k if moe else 0, shared_experts=s.shared_experts, shared_intermediate=s.shared_intermediate,
+                expert_group=group,
+                expert_groups=math.ceil(s.experts / group) if group else 0,
+                expert_calibration=calibration if moe else None, moe_blocks=s.moe_layers,
+                dense_blocks=s.layers - s.moe_layers,
+                expert_files_bytes=int(expert_files), source_fp8=s.fp8_block is not None)
 
 
-def _packed_bytes(s: Shapes, bits: int, group_size: int) -> int:
-    """Bytes of one block's packed linear layers: qweight, qzeros, scales (fp16), g_idx."""
+def _block_phases(s: Shapes, b: Block, kind, c, bt, rows, seqlen, gptaq, beta) -> dict[str, list[tuple[str, int]]]:
+    """Device phases of a block's sub-groups outside the routed experts (all of a dense block's): the Hessian
+    pass, the factorisation of the widest Hessian, the column loop of the largest stacked solve, propagation."""
+    h = s.hidden
+    n_max = max(n for _, n in b.subgroups)
+    widest = next(names for names, n in b.subgroups if n == n_max)[-1]
+    # the layers of a sub-group are solved as one stacked matrix (pipeline._quantize_group)
+    r_max, n_solve = max(((sum(b.linears[m][0] for m in names), n) for names, n in b.subgroups),
+                         key=lambda rn: rn[1] * (rn[1] + rn[0]))
+    block = b.params * c
+    name = "block weights without the experts (compute dtype)" if b.routed else "block weights (compute dtype)"
+    weights = [(name, block)] + ([("native block copy (GPTAQ)", block)] if gptaq else [])
+    # an MoE block's forward runs its shared expert, then its routed experts one at a time, and scores the router
+    mlp = b.mlp_width + (s.expert_intermediate if b.routed else 0)
+    fwd_per_token = c * (5 * h + 3 * s.attention_width + 3 * mlp) + 8 * h + (8 * s.experts if b.routed else 0)
+    forward = bt * fwd_per_token + rows * s.heads * seqlen * 8  # + sdpa (flash / memory-efficient) workspace
+    batch_in = bt * h * c
+    chunk = min(HESSIAN_CHUNK_TOKENS, bt) * n_max * 4 if c != 4 else 0
+    hess = n_max * n_max * 4
+    cross = hess if gptaq else 0
+    phases = {"hessian pass": weights + [
+        ("H fp32 (widest sub-group)", hess), ("GPTAQ cross term fp32", cross),
+        ("forward batch (activations, MLP intermediates, sdpa)", forward * (2 if gptaq else 1)),
+        ("batch inputs", batch_in * (2 if gptaq else 1)),
+        ("fp32 chunk of inputs", chunk * (3 if gptaq else 1))]}
+    fp64 = n_max * n_max * 8
+    phases[f"factorisation ({widest})"] = weights + [
+        ("H fp32", hess), ("GPTAQ cross term fp32", cross),
+        ("fp64 factorisation buffers", fp64 if kind == "cpu" else 2 * fp64)]
+    if gptaq:
+        phases["GPTAQ P = α·triu(C·Uᵀ)·U"] = weights + [("U, C, copy of C, two products (fp32)", 5 * hess)]
+    u = n_solve * n_solve * 4
+    phases["column loop (widest layer)"] = weights + [
+        ("U fp32", u), ("GPTAQ P fp32", u if gptaq else 0),
+        ("W, W₀ fp32, codes, block temporaries", _solver_bytes(r_max, n_solve, beta))]
+    phases["propagation"] = weights + [("forward batch", forward), ("batch inputs and outputs", 2 * batch_in)]
+    return phases
+
+
+def _solver_bytes(r: int, n: int, beta: float) -> int:
+    """The column loop of an r×n stacked solve (W, W₀ with FOEM's first-order term, codes, block temporaries), or
+    its dequantize step, whichever is larger (solver.py)."""
+    rn = r * n
+    solve = rn * (4 + (4 if beta else 0) + 1) + SOLVER_BLOCK * r * 4 * 6
+    dequant = rn * 1 + rn * 4 + COLUMN_CHUNK * r * 4 * 3
+    return max(solve, dequant)
+
+
+def _gate_up_state(s: Shapes, group: int, calibration: str, gptaq: bool) -> list[tuple[str, int]]:
+    """The gate/up Hessian state alive through an expert group. "all": every expert sees every token, so one
+    H×H Hessian serves the whole block and its factor U lives across the groups; "routed": one per expert."""
+    h, k = s.hidden, 2 if gptaq else 1  # GPTAQ keeps a cross term next to every Hessian
+    if calibration == "all":
+        return [("gate/up Hessian H×H fp32, one for all the block's experts", k * h * h * 4),
+                ("its upper factor U fp32, kept across the groups", h * h * 4)]
+    return [(f"gate/up Hessians H×H fp32, one per expert of the group ({group})", k * group * h * h * 4)]
+
+
+def _expert_phases(s: Shapes, b: Block, kind, c, bt, group, calibration, gptaq, beta) -> dict[str, list]:
+    """Device phases of one group of `group` routed experts: their stacked gate/up solve, their down_proj
+    Hessians and solve, and the forward that feeds them, one expert at a time."""
+    h, i, g, k = s.hidden, s.expert_intermediate, group, 2 if gptaq else 1
+    fp64 = 1 if kind == "cpu" else 2  # fp64 n×n buffers of one factorisation (LAPACK / torch), one at a time
+    experts = g * s.expert_params * c
+    weights = [("block weights without the experts (compute dtype)", b.params * c),
+               (f"weights of {g} experts (compute dtype)", experts)] + (
+              [("native copy of the group (GPTAQ)", experts)] if gptaq else [])
+    gate_up = _gate_up_state(s, g, calibration, gptaq)
+    down = [(f"down_proj Hessians I×I fp32, one per expert of the group ({g})", k * g * i * i * 4)]
+    chunk = min(HESSIAN_CHUNK_TOKENS, bt) * max(h, i) * 4 if c != 4 else 0
+    gate_up_p = (h * h * 4 if calibration == "all" else g * h * h * 4) if gptaq else 0
+    return {
+        "expert group: forward, one expert at a time": weights + gate_up + down + [
+            ("batch inputs", bt * h * c), ("one expert's intermediates (gate, up, product)", bt * 3 * i * c),
+            ("routed outputs of the batch (fp32)", bt * h * 4), ("fp32 chunk of inputs", chunk)],
+        "expert group: gate/up factorisation": weights + gate_up + [("fp64 factorisation buffers", fp64 * h * h * 8)],
+        "expert group: gate/up column loop (experts stacked)": weights + gate_up + [
+            ("GPTAQ P fp32", gate_up_p), ("W, W₀ fp32, codes, block temporaries", _solver_bytes(g * 2 * i, h, beta))],
+        "expert group: down_proj factorisation": weights + gate_up + down + [
+            ("fp64 factorisation buffers", fp64 * i * i * 8)],
+        "expert group: down_proj column loop (experts stacked)": weights + gate_up + down + [
+            ("GPTAQ P fp32", g * i * i * 4 if gptaq else 0),
+            ("W, W₀ fp32, codes, block temporaries", _solver_bytes(g * h, i, beta))],
+    }
+
+
+def _host_block_phases(s: Shapes, b: Block, kind, c, bt, seqlen, tokens, bits, group_size, group, calibration,
+                       gptaq, device_peak_parts, label) -> dict[str, list[tuple[str, int]]]:
+    """Host phases of one kind of block: reading it, its work (on the CPU: the device's peak phase), and for an
+    MoE block reading an expert group (its tensors as stored, an FP8 tensor dequantized one at a time)."""
+    h = s.hidden
+    packed = _packed_bytes(b.linears, bits, group_size)
+    if b.routed:
+        packed += s.experts * _packed_bytes(s.expert_linears, bits, group_size)
+    stored = s.stored_linear_bytes(b.linear_params) + b.other_params * s.stored_bytes
+    reading = [("block tensors as stored + shard pages while read", 2 * stored)]
+    if s.fp8_block:
+        reading.append(("one FP8 tensor dequantized (fp32 product, bf16 copy)",
+                        6 * max(r * n for r, n in b.linears.values())))
+    routing = [("routing of the calibration tokens (top-k ids int32, weights fp32)", tokens * s.top_k * 8)] \
+        if b.routed else []
+    common = [("BLAS / oneDNN buffers, modeling code", COMPUTE_RUNTIME),
+              ("block tensors as stored (norms, biases kept)", b.other_params * s.stored_bytes),
+              ("packed layers of the block so far" + (" (all its experts)" if b.routed else ""), packed)] + routing
+    if kind == "cpu":
+        work = common + device_peak_parts
+    else:
+        work = common + [("a batch read from the store (rows + stacked copy)", 2 * bt * h * c),
+                         ("one output row copied back", seqlen * h * c)] + (
+                        [("routed outputs read back and summed (fp32)", 2 * bt * h * 4)] if b.routed else [])
+    phases = {"reading a block" + label: reading, "block work" + label: work}
+    if b.routed:
+        source = group * s.stored_linear_bytes(s.expert_params)
+        held = [("the block's tensors without the experts, as stored", stored)]
+        if kind == "cpu":  # what lives across the groups on the "device"
+            held += [("block weights without the experts (compute dtype)", b.params * c)]
+            held += _gate_up_state(s, group, calibration, gptaq) if calibration == "all" else []
+        phases["reading an expert group"] = common + held + [
+            (f"the group's {group} experts as stored + shard pages while read", 2 * source),
+            ("one FP8 tensor dequantized (fp32 product, bf16 copy)",
+             6 * h * s.expert_intermediate if s.fp8_block else 0)]
+    return phases
+
+
+def _packed_bytes(linears: dict[str, tuple[int, int]], bits: int, group_size: int) -> int:
+    """Bytes of packed linear layers: qweight, qzeros, scales (fp16), g_idx."""
     total = 0
-    for r, n in s.linears.values():
+    for r, n in linears.values():
         groups = 1 if group_size == -1 else math.ceil(n / group_size)
         total += n * r * bits // 8 + groups * r * bits // 8 + groups * r * 2 + n * 4
     return total
@@ -408,11 +755,30 @@ def format_plan(p: Plan, model: str = "") -> str:
     lines.append(f"  activations   {p.stores} stores of {format_size(p.store_bytes)} as files: "
                  + ("the page cache keeps them in RAM" if p.activation_store == "ram" else "streamed from disk")
                  + ("; down_proj inputs kept (no gate/up recompute)" if p.keeps_mlp_inputs else ""))
+    lines += _format_experts(p)
     lines.append("  largest items at the peaks:")
     for item in sorted(p.items, key=lambda i: -i.bytes)[:12]:
         lines.append(f"    {format_size(item.bytes):>11}  {item.where:<6} {item.name}")
     lines.append("  fits: yes" if p.fits else "  fits: NO — " + "; ".join(p.reasons))
     return "\n".join(lines)
+
+
+def _format_experts(p: Plan) -> list[str]:
+    """The expert and FP8-source lines of a plan (none for a dense bf16 model)."""
+    lines = []
+    if p.experts:
+        shared = (f" (+{p.shared_experts} shared of {p.shared_intermediate // p.shared_experts})"
+                  if p.shared_experts else "")
+        lines.append(f"  experts       {p.experts} routed of {p.expert_intermediate}{shared} per block, top-{p.top_k}: "
+                     f"groups of {p.expert_group} experts ({p.expert_groups} group{'s' if p.expert_groups > 1 else ''})")
+        tokens = "all calibration tokens" if p.expert_calibration == "all" else "the tokens routed to it"
+        lines.append(f"                {p.moe_blocks} MoE blocks of {p.moe_blocks + p.dense_blocks}; each expert's "
+                     f"statistics from {tokens}; work files of the experts' inputs and routed outputs "
+                     f"{format_size(p.expert_files_bytes)}")
+    if p.source_fp8:
+        lines.append("  source        FP8 linears with block scales: read as stored, dequantized to bf16 one tensor "
+                     "at a time")
+    return lines
 
 
 def load_config(model: str) -> dict:

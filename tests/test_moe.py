@@ -207,10 +207,12 @@ def test_bad_moe_input_gets_one_line_and_exit_2(tmp_path, tokenizer_dir, calib_f
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
-def test_gptaq_is_refused_for_moe_models_up_front(tmp_path, tokenizer_dir, calib_file, capsys):
+def test_gptaq_is_refused_for_moe_models_up_front_by_quantize_and_plan(tmp_path, tokenizer_dir, calib_file, capsys):
     source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="mixtral", layers=1)
     capsys.readouterr()
     code = main(["quantize", "--model", str(source), "--out", str(tmp_path / "out"), "--calib", str(calib_file),
                  "--nsamples", "2", "--seqlen", "32", "--alpha", "0.25", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "GPTAQ" in err[0] and not (tmp_path / "out").exists()
+    assert main(["plan", "--model", str(source), "--alpha", "0.25"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == err

@@ -10,7 +10,7 @@ import pytest
 
 from factory import build_checkpoint
 from leanfoem.cli import main
-from leanfoem.planner import GIB, PlanDoesNotFit, check_fits, parse_size, plan
+from leanfoem.planner import GIB, PlanDoesNotFit, check_fits, format_plan, parse_size, plan, shapes_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TOKENIZER = ROOT / "leanfoem" / "demo" / "model"
@@ -138,3 +138,183 @@ def test_plan_refuses_what_quantize_refuses(tmp_path, capsys, architecture):
     assert planned.out == ""
     assert planned.err == quantized.err and planned.err.count("\n") == 1, planned.err
     assert f"unsupported architecture {architecture}" in planned.err
+
+
+# -- mixture-of-experts models (tests/configs: the published config.json files) --------------------------------------
+
+CONFIGS = ROOT / "tests" / "configs"
+CALIBRATION_128x2048 = {"nsamples": 128, "seqlen": 2048}
+
+
+def _config(name: str) -> dict:
+    return json.loads((CONFIGS / name / "config.json").read_text())
+
+
+def test_deepseek_v3_fits_a_24gib_card_and_64gib_host():
+    p = plan(CONFIGS / "DeepSeek-V3", device="cuda", gpu_memory="24GiB", host_memory="64GiB", **CALIBRATION_128x2048)
+    assert p.fits and p.reasons == [] and p.device_peak_bytes <= 24 * GIB and p.host_peak_bytes <= 64 * GIB
+    assert (p.experts, p.expert_intermediate, p.top_k, p.shared_experts) == (256, 2048, 8, 1)
+    assert (p.moe_blocks, p.dense_blocks) == (58, 3)  # first_k_dense_replace = 3
+    assert 256 % p.expert_group == 0 and p.expert_groups == 256 // p.expert_group and p.expert_group >= 8
+    assert p.expert_calibration == "all" and p.source_fp8
+    assert p.hessian_width == 18432  # the dense blocks' down_proj
+    assert p.activation_store == "ram"  # 3 stores + the experts' inputs + the fp32 accumulator fit the page cache
+    assert p.expert_files_bytes == 128 * 2048 * 7168 * (2 + 4)
+    check_fits(p)
+
+
+def test_deepseek_v3_attention_is_mla_and_its_first_blocks_dense():
+    s = shapes_from_config(_config("DeepSeek-V3"))
+    dense, moe = s.blocks
+    assert (dense.kind, dense.count, moe.kind, moe.count) == ("dense", 3, "MoE", 58)
+    assert s.attention_linears == {"q_a_proj": (1536, 7168), "q_b_proj": (128 * 192, 1536),
+                                   "kv_a_proj_with_mqa": (512 + 64, 7168), "kv_b_proj": (128 * 256, 512),
+                                   "o_proj": (7168, 128 * 128)}
+    assert s.attention_subgroups[0] == (("q_a_proj", "kv_a_proj_with_mqa"), 7168)
+    assert [n for _, n in s.attention_subgroups] == [7168, 1536, 512, 16384]
+    assert dense.linears["down_proj"] == (7168, 18432)
+    assert moe.linears["shared_expert.down_proj"] == (7168, 2048)  # 1 shared expert of moe_intermediate_size
+    assert "down_proj" not in moe.linears and s.expert_linears["down_proj"] == (7168, 2048)
+    no_q_lora = shapes_from_config(dict(_config("DeepSeek-V3"), q_lora_rank=None))
+    assert "q_proj" in no_q_lora.attention_linears and "q_b_proj" not in no_q_lora.attention_linears
+
+
+def test_qwen3_235b_fits_a_24gib_card_and_32gib_host():
+    p = plan(CONFIGS / "Qwen3-235B-A22B", device="cuda", gpu_memory="24GiB", host_memory="32GiB",
+             **CALIBRATION_128x2048)
+    assert p.fits and p.device_peak_bytes <= 24 * GIB and p.host_peak_bytes <= 32 * GIB
+    assert (p.experts, p.expert_intermediate, p.top_k, p.shared_experts) == (128, 1536, 8, 0)
+    assert (p.moe_blocks, p.dense_blocks) == (94, 0) and not p.source_fp8
+    assert 128 % p.expert_group == 0
+
+
+@pytest.mark.parametrize("name", ["Qwen3-30B-A3B", "Mixtral-8x7B"])
+def test_smaller_moe_models_fit_a_24gib_card(name):
+    p = plan(CONFIGS / name, device="cuda", gpu_memory="24GiB", host_memory="32GiB", **CALIBRATION_128x2048)
+    assert p.fits and p.expert_group and p.experts % p.expert_group == 0
+
+
+def test_moe_plan_from_a_transformers_config_equals_the_one_from_config_json():
+    """The pipeline plans from a PretrainedConfig, whose to_dict() renames fields (num_experts → num_local_experts,
+    DeepSeek's head_dim = the rope part): the plan must not change."""
+    from transformers import AutoConfig
+    for name in ("DeepSeek-V3", "Qwen3-235B-A22B", "Mixtral-8x7B"):
+        fields = _config(name)
+        config = AutoConfig.for_model(fields["model_type"], **{k: v for k, v in fields.items() if k != "model_type"})
+        settings = dict(device="cuda", gpu_memory="24GiB", host_memory="32GiB", **CALIBRATION_128x2048)
+        assert plan(config, **settings).to_dict() == plan(fields, **settings).to_dict(), name
+
+
+def test_expert_group_shrinks_with_the_budget():
+    big = plan(CONFIGS / "DeepSeek-V3", device="cuda", gpu_memory="24GiB", host_memory="64GiB", **CALIBRATION_128x2048)
+    small = plan(CONFIGS / "DeepSeek-V3", device="cuda", gpu_memory="14GiB", host_memory="64GiB",
+                 **CALIBRATION_128x2048)
+    assert big.fits and small.fits and small.expert_group < big.expert_group
+    assert small.expert_groups > big.expert_groups and 256 % small.expert_group == 0
+    # and a larger group than the chosen one would not have fit
+    larger = plan(CONFIGS / "DeepSeek-V3", device="cuda", gpu_memory="14GiB", host_memory="64GiB",
+                  expert_group=2 * small.expert_group, batch_tokens=2048, **CALIBRATION_128x2048)
+    assert not larger.fits
+    # the host budget bounds the group too (on the CPU the group lives in host memory)
+    roomy = plan(CONFIGS / "Qwen3-30B-A3B", device="cpu", host_memory="64GiB", **CALIBRATION_128x2048)
+    tight = plan(CONFIGS / "Qwen3-30B-A3B", device="cpu", host_memory="6GiB", **CALIBRATION_128x2048)
+    assert roomy.fits and tight.fits and tight.expert_group < roomy.expert_group
+
+
+def test_moe_refused_with_the_numbers_when_one_expert_per_group_does_not_fit():
+    p = plan(CONFIGS / "Mixtral-8x7B", device="cuda", gpu_memory="4GiB", host_memory="32GiB", **CALIBRATION_128x2048)
+    assert not p.fits and p.expert_group == 1
+    with pytest.raises(PlanDoesNotFit, match=r"even with one expert per group, device peak .* exceeds the GPU "
+                                             r"budget 4.00 GiB") as info:
+        check_fits(p)
+    assert "\n" not in str(info.value)
+    assert "fits: NO" in format_plan(p)
+
+
+def test_expert_group_given_is_kept_and_checked():
+    p = plan(CONFIGS / "Qwen3-235B-A22B", device="cuda", gpu_memory="24GiB", host_memory="32GiB", expert_group=3,
+             **CALIBRATION_128x2048)
+    assert p.fits and p.expert_group == 3 and p.expert_groups == 43  # 42 groups of 3, then one of 2
+    assert plan(CONFIGS / "Qwen3-235B-A22B", device="cuda", expert_group=1000).expert_group == 128
+    assert not plan(CONFIGS / "Qwen3-235B-A22B", device="cuda", gpu_memory="8GiB", expert_group=128).fits
+
+
+def test_routed_calibration_needs_more_memory_than_all():
+    settings = dict(device="cuda", gpu_memory="24GiB", host_memory="64GiB", **CALIBRATION_128x2048)
+    every = plan(CONFIGS / "DeepSeek-V3", expert_group=16, batch_tokens=4096, **settings)
+    routed = plan(CONFIGS / "DeepSeek-V3", expert_group=16, batch_tokens=4096, expert_calibration="routed", **settings)
+    assert routed.expert_calibration == "routed"
+    # one H×H Hessian (and its factor) for the whole block, against one per expert of the group
+    loop = "expert group: gate/up column loop (experts stacked)"
+    assert routed.device_phases[loop] - every.device_phases[loop] == (16 - 2) * 7168 ** 2 * 4
+    assert routed.device_peak_bytes > every.device_peak_bytes
+    chosen_all = plan(CONFIGS / "DeepSeek-V3", **settings)
+    chosen_routed = plan(CONFIGS / "DeepSeek-V3", expert_calibration="routed", **settings)
+    assert chosen_routed.expert_group < chosen_all.expert_group
+    with pytest.raises(ValueError, match="expert_calibration"):
+        plan(CONFIGS / "DeepSeek-V3", expert_calibration="some")
+
+
+def test_fp8_source_is_read_as_stored_and_dequantized_one_tensor_at_a_time():
+    fp8_config = _config("DeepSeek-V3")
+    bf16_config = {k: v for k, v in fp8_config.items() if k != "quantization_config"}
+    settings = dict(device="cuda", gpu_memory="24GiB", host_memory="64GiB", expert_group=64, batch_tokens=4096,
+                    **CALIBRATION_128x2048)
+    fp8, bf16 = plan(fp8_config, **settings), plan(bf16_config, **settings)
+    assert fp8.source_fp8 and not bf16.source_fp8
+    assert fp8.host_peak_phase == bf16.host_peak_phase == "reading an expert group"
+    expert = 3 * 7168 * 2048
+    reading = "the group's 64 experts as stored + shard pages while read"
+    assert _host_item(fp8, reading) == 2 * 64 * (expert + 4 * 3 * (7168 // 128) * (2048 // 128))  # + fp32 scales
+    assert _host_item(bf16, reading) == 2 * 64 * expert * 2
+    assert _host_item(fp8, "one FP8 tensor dequantized (fp32 product, bf16 copy)") == 6 * 7168 * 2048
+    assert fp8.host_peak_bytes < bf16.host_peak_bytes
+    # the device holds the compute dtype either way; the output does not depend on the source
+    assert fp8.device_peak_bytes == bf16.device_peak_bytes and fp8.disk_output_bytes == bf16.disk_output_bytes
+    assert "FP8" in format_plan(fp8) and "FP8" not in format_plan(bf16)
+
+
+def _host_item(p, name: str) -> int:
+    return next(item.bytes for item in p.items if item.where == "host" and item.name == name)
+
+
+def test_dense_layers_and_shared_experts_from_config_fields():
+    """Which layers route (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) and the shared expert
+    (its own width and a sigmoid gate, or n experts fused) come from fields, not from the family."""
+    qwen = _config("Qwen3-30B-A3B")
+    assert shapes_from_config(dict(qwen, mlp_only_layers=[0, 1])).moe_layers == 46
+    assert shapes_from_config(dict(qwen, decoder_sparse_step=2)).moe_layers == 24
+    gated = shapes_from_config(dict(qwen, shared_expert_intermediate_size=5632))
+    assert (gated.shared_experts, gated.shared_intermediate, gated.shared_gate) == (1, 5632, True)
+    fused = shapes_from_config(dict(_config("DeepSeek-V3"), n_shared_experts=2))
+    assert (fused.shared_experts, fused.shared_intermediate, fused.shared_gate) == (2, 4096, False)
+    mixtral = shapes_from_config(_config("Mixtral-8x7B"))
+    assert (mixtral.experts, mixtral.expert_intermediate, mixtral.top_k) == (8, 14336, 2)
+    assert shapes_from_config(LLAMA_33_70B).moe_layers == 0 and len(shapes_from_config(LLAMA_33_70B).blocks) == 1
+
+
+def test_expert_group_prefers_equal_groups():
+    from leanfoem.planner import _expert_group
+    fits_up_to = lambda most: (lambda g: g <= most)  # noqa: E731
+    assert _expert_group(fits_up_to(63), 256) == 32     # a divisor: 8 equal groups
+    assert _expert_group(fits_up_to(13), 60) == 12
+    assert _expert_group(fits_up_to(500), 128) == 128
+    assert _expert_group(fits_up_to(6), 7) == 4         # a prime count: two balanced groups, not seven of one
+    assert _expert_group(fits_up_to(0), 8) is None
+
+
+@pytest.mark.parametrize("name, budgets", [("DeepSeek-V3", ["--gpu-memory", "24GiB", "--host-memory", "64GiB"]),
+                                           ("Qwen3-235B-A22B", ["--gpu-memory", "24GiB", "--host-memory", "32GiB"])])
+def test_plan_cli_on_moe_configs(capsys, name, budgets):
+    assert main(["plan", "--model", str(CONFIGS / name), *budgets, "--nsamples", "128", "--seqlen", "2048",
+                 "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["fits"] is True and result["expert_group"] >= 1
+    line = next(line for line in out if line.lstrip().startswith("experts "))
+    assert f"groups of {result['expert_group']} experts ({result['expert_groups']} group" in line
+    assert "  fits: yes" in out
+    assert main(["plan", "--model", str(CONFIGS / name), *budgets, "--expert-calibration", "routed",
+                 "--expert-group", "2", "--json"]) == 0
+    routed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert routed["expert_group"] == 2 and routed["expert_calibration"] == "routed"

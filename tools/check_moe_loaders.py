@@ -4,7 +4,8 @@
         [--ref-python /work/venv-ref/bin/python] [--workdir /tmp/leanfoem-moe-loaders] [--write-docs]
 
 For each family: a tiny random checkpoint of the family's own transformers config (tests/factory.py: 8 experts,
-top-2), quantized by leanfoem (4 bit, group 64, symmetric); then, in the reference venv (GPTQModel 7.7.0 next to the
+top-2), quantized by leanfoem (4 bit, group 32, symmetric: GPTQModel's CPU kernel needs every in_features divisible
+by the group, and Qwen2-MoE's shared expert here is 96 wide); then, in the reference venv (GPTQModel 7.7.0 next to the
 pinned CPU torch, see tools/bench_compare.py), `GPTQModel.load(out, device="cpu")` and the logits of one row; here,
 the logits of the same row from the checkpoint dequantized by hand (leanfoem.evaluation.dense_tensors) and loaded by
 plain transformers. Reported: whether it loaded, the kernel GPTQModel chose, and the relative difference of the two
@@ -48,9 +49,9 @@ def quantize(family: str, work: Path) -> Path:
     source = build_checkpoint(work / f"{family}-src", demo_model_dir(), family=family)
     calib = work / "calib.txt"
     calib.write_text(CALIB)
-    out = work / f"{family}-w4g64"
+    out = work / f"{family}-w4g32"
     assert main(["quantize", "--model", str(source), "--out", str(out), "--calib", str(calib), "--nsamples", "8",
-                 "--seqlen", "64", "--group-size", "64", "--restart", "--quiet"]) == 0
+                 "--seqlen", "64", "--group-size", "32", "--restart", "--quiet"]) == 0
     return out
 
 
