@@ -78,13 +78,10 @@ def write_checkpoint(model_dir: Path, tensors: dict[str, torch.Tensor], side_fil
     return model_dir
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory, tokenizer_dir):
-    """(fp8 source, its bf16 twin): the twin holds the reference dequantization of the fp8 weights and no scales.
-    Layer 0 also carries static activation scales, which a weight-only output must not take over."""
-    root = tmp_path_factory.mktemp("fp8")
-    dense = build_checkpoint(root / "dense", tokenizer_dir, layers=2, hidden=256, intermediate=224, heads=4,
-                             kv_heads=2)
+def fp8_and_twin(dense: Path, root: Path) -> tuple[Path, Path]:
+    """(fp8 source, its bf16 twin) from a checkpoint: every linear weight of the blocks in DeepSeek's layout; the twin
+    holds the reference dequantization of the fp8 weights and no scales. Layer 0 also carries static activation
+    scales, which a weight-only output must not take over."""
     config = json.loads((dense / "config.json").read_text())
     fp8_tensors, twin_tensors = {}, {}
     for name, tensor in stored_tensors(dense).items():
@@ -100,6 +97,14 @@ def sources(tmp_path_factory, tokenizer_dir):
                                SHARDS)
     twin_dir = write_checkpoint(root / "twin", twin_tensors, dense, config, 1)
     return fp8_dir, twin_dir
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("fp8")
+    dense = build_checkpoint(root / "dense", tokenizer_dir, layers=2, hidden=256, intermediate=224, heads=4,
+                             kv_heads=2)
+    return fp8_and_twin(dense, root)
 
 
 @pytest.fixture
@@ -157,11 +162,15 @@ def test_reader_dequantizes_as_transformers_does(sources):
 
 
 def test_fp8_source_quantizes_and_evaluates_like_its_bf16_twin(sources, tmp_path, calib_file, capsys):
-    fp8_dir, twin_dir = sources
+    assert_same_as_twin(*sources, tmp_path, calib_file, capsys)
+
+
+def assert_same_as_twin(fp8_dir: Path, twin_dir: Path, tmp_path: Path, calib_file: Path, capsys, *extra) -> None:
+    """The fp8 source and its twin quantize to the same shards and configs and evaluate to the same perplexity."""
     outs = {}
     for kind, model in (("fp8", fp8_dir), ("twin", twin_dir)):
         outs[kind] = tmp_path / kind
-        assert main(quantize_args(model, outs[kind], calib_file)) == 0
+        assert main(quantize_args(model, outs[kind], calib_file, *extra)) == 0
     shards = sorted(p.name for p in outs["twin"].glob("*.safetensors"))
     assert shards == sorted(p.name for p in outs["fp8"].glob("*.safetensors"))
     for shard in shards:
@@ -173,9 +182,8 @@ def test_fp8_source_quantizes_and_evaluates_like_its_bf16_twin(sources, tmp_path
     assert configs["fp8"]["quantization_config"]["quant_method"] == "gptq"
     assert "weight_block_size" not in configs["fp8"]["quantization_config"]
     capsys.readouterr()
-    text = calib_file
-    assert eval_cli(fp8_dir, text, capsys, seqlen=64, windows=3) == eval_cli(twin_dir, text, capsys, seqlen=64,
-                                                                              windows=3)
+    perplexities = [eval_cli(model, calib_file, capsys, seqlen=64, windows=3) for model in (fp8_dir, twin_dir)]
+    assert perplexities[0] == perplexities[1]
 
 
 # -- bad fp8 input --------------------------------------------------------------------------------------
