@@ -7,7 +7,10 @@ What must stay true:
 - every shard header is validated up front (a corrupt or truncated shard is reported before any work
   starts, naming the file), and a tensor named in the index but absent from its shard is an error
   naming the tensor;
-- tensors come back exactly as stored (dtype unchanged); NaN/Inf is checked when a block is read.
+- tensors come back exactly as stored (dtype unchanged), except the weights of an FP8 source (config.json's
+  `quantization_config` fp8 with block scales), which come back dequantized to bf16 under their own names, one
+  tensor at a time, their `weight_scale_inv` (and static `activation_scale`) hidden from every listing
+  (`source_formats.py`); an FP8 tensor is never returned as stored. NaN/Inf is checked when a block is read.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from . import source_formats
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -37,6 +42,7 @@ class CheckpointReader:
         for name, shard in self.weight_map.items():
             if name not in names_by_shard[shard]:
                 raise CheckpointError(f"tensor {name} is listed in {INDEX_NAME} but missing from {shard}")
+        self.fp8_block = source_formats.fp8_block_size(_declared_config(self.model_dir))
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.model_dir / INDEX_NAME
@@ -52,30 +58,57 @@ class CheckpointReader:
                               f"(expected {INDEX_NAME} or {SINGLE_NAME})")
 
     def names(self, prefix: str = "") -> list[str]:
-        return sorted(n for n in self.weight_map if n.startswith(prefix))
+        return sorted(n for n in self.weight_map if n.startswith(prefix) and self._shown(n))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map and self._shown(name)
+
+    def _shown(self, name: str) -> bool:
+        """Whether a stored tensor is one of the model's, not part of how an FP8 source stores a weight."""
+        return self.fp8_block is None or not source_formats.is_hidden(name)
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors([name])[name]
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Reads the named tensors, opening each shard once. Shards are closed afterwards: a mapping kept
-        open would keep every page read so far resident, and host memory would grow with depth."""
+        """Reads the named tensors, opening each shard once (FP8 weights dequantized as each is read, their scales
+        read first: a scale may lie in another shard than its weight)."""
+        for name in names:
+            if name not in self:
+                raise CheckpointError(f"tensor {name} is not in the checkpoint")
+        block = self.fp8_block
+        scale_names = [source_formats.scale_name(n) for n in names] if block else []
+        scales = self._read([n for n in scale_names if n in self.weight_map], lambda name, tensor: tensor)
+
+        def decoded(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            scale = scales.pop(source_formats.scale_name(name), None)
+            if scale is None:
+                return source_formats.check_not_fp8(name, tensor, block)
+            return source_formats.dequantize(name, tensor, scale, block)
+
+        return self._read(list(names), decoded)
+
+    def _read(self, names: list[str], take) -> dict[str, torch.Tensor]:
+        """`take(name, tensor)` of each named tensor as stored, opening each shard once. Shards are closed
+        afterwards: a mapping kept open would keep every page read so far resident, and host memory would grow
+        with depth."""
         by_shard: dict[str, list[str]] = {}
         for name in names:
-            if name not in self.weight_map:
-                raise CheckpointError(f"tensor {name} is not in the checkpoint")
             by_shard.setdefault(self.weight_map[name], []).append(name)
         out = {}
         for shard, shard_names in by_shard.items():
             try:
-                with safe_open(str(self.model_dir / shard), framework="pt", device="cpu") as handle:
-                    for name in shard_names:
-                        out[name] = handle.get_tensor(name)
+                handle = safe_open(str(self.model_dir / shard), framework="pt", device="cpu")
             except Exception as exc:
                 raise CheckpointError(f"cannot read {shard_names[0]} from {shard}: {exc}") from None
+            with handle:
+                for name in shard_names:
+                    try:
+                        stored = handle.get_tensor(name)
+                    except Exception as exc:
+                        raise CheckpointError(f"cannot read {name} from {shard}: {exc}") from None
+                    out[name] = take(name, stored)  # one stored tensor at a time
+                    del stored
         return out
 
     def shard_files(self) -> list[Path]:
@@ -83,6 +116,16 @@ class CheckpointReader:
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shard_files())
+
+
+def _declared_config(model_dir: Path) -> dict | None:
+    """config.json as the storage format's declaration; None when absent or unreadable (the caller that loads the
+    config reports that, and an FP8 tensor without a declared block size is refused when read)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _validated_names(path: Path) -> set[str]:

@@ -163,9 +163,10 @@ def run_plan(args) -> int:
     import os
     from .architectures import architecture_for, check_terms_supported
     from .planner import budgets_for, format_plan, load_config, plan
+    from .source_formats import without_stored_quantization
     kind, gpu, host = budgets_for(args.device, args.gpu_memory, args.host_memory)
     calib_bytes = os.path.getsize(args.calib) if args.calib and os.path.isfile(args.calib) else None
-    config = load_config(args.model)
+    config = without_stored_quantization(load_config(args.model))  # refused as `quantize` refuses it
     architecture_for(config)  # a plan for a model that `quantize` refuses would be a promise it breaks
     check_terms_supported(config, 0.0 if args.method in ("gptq", "rtn") else args.alpha)
     result = plan(config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,

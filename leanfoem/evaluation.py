@@ -35,6 +35,7 @@ from .checkpoint_reader import CheckpointError, CheckpointReader
 from .models import resolve_model_dir
 from .packing import unpack_gptq
 from .pipeline import compute_dtype, resolve_device
+from .source_formats import refuse_stored_quantization
 
 VOCAB_CHUNK = 8192
 DEQUANT_COLUMNS = 1024  # input features dequantized at a time (a multiple of 32)
@@ -66,12 +67,10 @@ def _download_text(name: str) -> str:
 
 
 def gptq_settings(config) -> dict | None:
-    q = getattr(config, "quantization_config", None)
-    if q is None:
+    """The GPTQ settings of a GPTQ checkpoint; None for a full-precision or fp8 one (the reader dequantizes fp8)."""
+    q = refuse_stored_quantization(config, readable=("gptq",))
+    if q is None or q.get("quant_method") != "gptq":
         return None
-    q = q if isinstance(q, dict) else q.to_dict()
-    if q.get("quant_method") != "gptq":
-        raise CheckpointError(f"unsupported quantization method {q.get('quant_method')!r} (only gptq)")
     return {"bits": q["bits"], "format": q.get("checkpoint_format", "gptq")}
 
 

@@ -47,6 +47,7 @@ from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
 from .planner import budgets_for, check_fits, plan
 from .solver import PreparedHessian, method_terms, prepare_hessian, quantize_prepared, quantize_weight
+from .source_formats import without_stored_quantization
 
 log = logging.getLogger(__name__)
 LOG_NAME = "quantize_log.jsonl"
@@ -124,7 +125,8 @@ class QuantizeRun:
         self.out = Path(options.out).expanduser()
         _check_not_input(self.model_dir, self.out)
         self.reader = CheckpointReader(self.model_dir)
-        self.config = _load_input("config.json", self.model_dir, AutoConfig.from_pretrained)
+        config = _load_input("config.json", self.model_dir, AutoConfig.from_pretrained)
+        self.config = without_stored_quantization(config)  # fp8 is read dequantized, other stored quantization refused
         self.arch = architecture_for(self.config)
         self.device = resolve_device(options.device)
         self.dtype = compute_dtype(self.device, self.config)
