@@ -276,3 +276,13 @@ def test_a_gptq_checkpoint_is_refused_as_a_source_and_still_evaluates(sources, t
         assert any(k.endswith(".qweight") for k in f.keys())
     plan_and_quantize_refuse(gptq, tmp_path / "again", capsys, "quant_method 'gptq'")
     assert eval_cli(gptq, calib_file, capsys, seqlen=64, windows=3) > 1
+
+
+def test_fp8_moe_source_quantizes_like_its_bf16_twin(tmp_path, tokenizer_dir, calib_file, capsys):
+    """DeepSeek-V3's own layout: every expert's projections, the shared experts and the MLA projections in fp8, the
+    routers in full precision; read expert by expert, groups of 3, the same bits as the dequantized twin."""
+    dense = build_checkpoint(tmp_path / "dense", tokenizer_dir, family="deepseek_v3")
+    (tmp_path / "src").mkdir()
+    fp8_dir, twin_dir = fp8_and_twin(dense, tmp_path / "src")
+    assert any(".experts.7.down_proj.weight_scale_inv" in n for n in stored_tensors(fp8_dir))
+    assert_same_as_twin(fp8_dir, twin_dir, tmp_path, calib_file, capsys, "--expert-group", "3")
