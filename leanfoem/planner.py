@@ -215,13 +215,14 @@ def format_size(n: int | None) -> str:
 def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, host_memory: int | str | None = None,
          nsamples: int = 128, seqlen: int = 2048, bits: int = 4, group_size: int = 128, method: str = "foem",
          alpha: float = 0.0, beta: float = 0.2, batch_tokens: int | None = None, calib_bytes: int | None = None,
-         checkpoint_format: str = "gptq") -> Plan:
+         checkpoint_format: str = "gptq", compute_dtype: str | None = None) -> Plan:
     """The budget of `leanfoem quantize` for this config and these settings.
 
     `device`: "cpu" or "cuda" (a "cuda:N" works too). `gpu_memory`/`host_memory`: the budgets, bytes or
     strings like "24GiB" (None: not checked). `batch_tokens=None` lets the planner choose the largest power-of-two
     batch that fits (≤ 16384 tokens on CUDA, ≤ 4096 on the CPU, ≥ one row); a given value is kept and
     checked. `calib_bytes`: size of the calibration text file (its tokenization is a peak of small runs; default the bundled text).
+    `compute_dtype`: the forward dtype ("float32", "bfloat16", ...; None: fp32 on the CPU, half on CUDA).
     """
     del checkpoint_format  # same sizes in both formats
     shapes = config if isinstance(config, Shapes) else shapes_from_config(config)
@@ -232,9 +233,11 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
         beta = 0.0
     seqlen = min(seqlen, shapes.max_positions or seqlen)
     calib_bytes = DEFAULT_CALIBRATION_BYTES if calib_bytes is None else calib_bytes
+    compute = (compute_dtype, 4 if compute_dtype == "float32" else 2) if compute_dtype else \
+        ("float32", 4) if kind == "cpu" else ("half (bf16/fp16 as stored)", 2)
     if batch_tokens is not None:
         return _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method,
-                          gptaq, beta, batch_tokens, calib_bytes)
+                          gptaq, beta, batch_tokens, calib_bytes, compute)
     # On CUDA a larger batch feeds the card better (up to 16384 tokens); on the CPU it only costs memory.
     largest = 1 << 14 if kind == "cuda" else DEFAULT_BATCH_TOKENS
     chosen = None
@@ -242,15 +245,15 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
         if tokens > largest:
             continue
         chosen = _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method,
-                            gptaq, beta, max(tokens, seqlen), calib_bytes)
+                            gptaq, beta, max(tokens, seqlen), calib_bytes, compute)
         if chosen.fits:
             return chosen
     return chosen  # the smallest batch: does not fit, and says why
 
 
 def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method, gptaq, beta,
-               batch_tokens, calib_bytes) -> Plan:
-    c = 4 if kind == "cpu" else 2                     # compute dtype bytes
+               batch_tokens, calib_bytes, compute: tuple[str, int]) -> Plan:
+    compute_name, c = compute                         # the forward dtype and its bytes
     h, inter = s.hidden, s.intermediate
     rows = min(nsamples, max(1, batch_tokens // seqlen))  # pipeline._batches: whole rows, at least one
     bt = rows * seqlen                                 # tokens in one forward batch
@@ -362,7 +365,7 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     if host_budget is not None and required > host_budget:
         reasons.append(f"host peak {format_size(required)} ({required_phase}) exceeds the host budget "
                        f"{format_size(host_budget)}")
-    return Plan(device=kind, compute_dtype="float32" if c == 4 else "half (bf16/fp16 as stored)",
+    return Plan(device=kind, compute_dtype=compute_name,
                 device_peak_bytes=int(device_peak), device_peak_phase=dev_phase, host_peak_bytes=int(host_peak),
                 host_peak_phase=host_phase, host_required_bytes=int(required), disk_output_bytes=int(disk_output),
                 disk_work_bytes=int(disk_work), disk_bytes=int(disk_output + disk_work), batch_tokens=int(bt),
