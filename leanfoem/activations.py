@@ -11,10 +11,18 @@ process holds only the batch it works on. Through a map every page touched count
 resident set (SmolLM2-135M on the CPU: ~210 MB of a 0.97 GB peak were store pages), and closing a map
 meant an msync.
 
+Rows may be written by a background thread (`pending_bytes` > 0, background_io.Worker): the caller hands a row
+over and computes the next batch while the row is copied into the page cache and hashed. Its bytes, their order
+and the digest are those of a write in the caller's thread.
+
 What must stay true:
-- rows are written in order and the file is complete only after `finish()` (tmp → fsync → rename);
-  its sha256 (hashed as the rows are written, header first: the same digest as hashing the file) goes
-  into the journal and is checked before a resumed run reads it;
+- rows are written in order and the file is complete only after `finish()` (tmp → fsync → rename), or
+  `complete()` then `commit()`: between the two the whole file can be read under its tmp name (the next block
+  computes from it while another thread makes it durable); its sha256 (hashed as the rows are written, header
+  first: the same digest as hashing the file) goes into the journal and is checked before a resumed run reads it;
+- a file that lives only inside one block (`durable=False`) is neither hashed nor fsynced: a kill restarts the
+  block, which writes it anew;
+- a caller never modifies a row tensor after handing it to `write()` (a background write reads it later);
 - a row read back is bit-identical to the row written, in the dtype it was written in (bf16 is stored
   as its 16-bit pattern, numpy having no bf16); the file is a valid .npy (`np.load` reads it).
 """
@@ -29,14 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import fsync_dir, fsync_file
+from .atomic import fsync_dir
+from .background_io import Worker
 
 _STORED_AS = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 class ActivationWriter:
-    def __init__(self, path: Path, lengths: list[int], hidden: int, dtype: torch.dtype):
-        self.path, self.lengths, self.dtype = Path(path), list(lengths), dtype
+    def __init__(self, path: Path, lengths: list[int], hidden: int, dtype: torch.dtype, *, durable: bool = True,
+                 pending_bytes: int = 0):
+        """`pending_bytes` > 0: rows are written by a background thread, with at most that many bytes of rows
+        handed over and not yet written (`write()` waits beyond); 0: in the caller's thread."""
+        self.path, self.lengths, self.dtype, self.durable = Path(path), list(lengths), dtype, durable
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         stored = np.dtype(_STORED_AS[dtype])
         header = io.BytesIO()
@@ -46,7 +58,8 @@ class ActivationWriter:
         self.row_bytes = [n * hidden * stored.itemsize for n in self.lengths]
         self.offset = len(self.header)
         self.next_row = 0
-        self.digest = hashlib.sha256(self.header)
+        self.digest = hashlib.sha256(self.header) if durable else None
+        self.worker = Worker(f"rows-{self.path.stem}", pending_bytes) if pending_bytes else None
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             self._reserve_disk(self.offset + sum(self.row_bytes))
@@ -64,33 +77,53 @@ class ActivationWriter:
         data = row.detach().to(device="cpu", dtype=self.dtype).contiguous()
         if self.dtype == torch.bfloat16:
             data = data.view(torch.int16)
-        view = memoryview(data.numpy()).cast("B")
-        if len(view) != self.row_bytes[self.next_row]:
-            raise ValueError(f"activation file {self.path.name}: row {self.next_row} has {len(view)} bytes, "
+        size = data.numel() * data.element_size()
+        if size != self.row_bytes[self.next_row]:
+            raise ValueError(f"activation file {self.path.name}: row {self.next_row} has {size} bytes, "
                              f"expected {self.row_bytes[self.next_row]}")
-        written = 0
-        while written < len(view):  # pwrite may write less than asked
-            written += os.pwrite(self.fd, view[written:], self.offset + written)
-        self.digest.update(view)
-        self.offset += len(view)
+        if self.worker is None:
+            self._put(data, self.offset)
+        else:
+            self.worker.submit(self._put, data, self.offset, size=size)
+        self.offset += size
         self.next_row += 1
 
-    def finish(self, durable: bool = True) -> str | None:
-        """Completes the file; its sha256. `durable=False` is for files that live only inside one block (a kill
-        restarts the block, which writes them anew): no fsync, no digest."""
+    def _put(self, data: torch.Tensor, offset: int) -> None:
+        view = memoryview(data.numpy()).cast("B")
+        written = 0
+        while written < len(view):  # pwrite may write less than asked
+            written += os.pwrite(self.fd, view[written:], offset + written)
+        if self.digest is not None:
+            self.digest.update(view)
+
+    def complete(self) -> None:
+        """Waits until every row is written: the whole file can be read under its tmp name (`self.tmp`)."""
         if self.next_row != len(self.lengths):
             raise RuntimeError(f"activation file {self.path.name}: {self.next_row} of {len(self.lengths)} rows written")
+        if self.worker is not None:
+            self.worker.drain()
+
+    def commit(self) -> str | None:
+        """After `complete()`: the file under its name, fsynced first when durable; its sha256 (None when not
+        durable). Another thread may do this while the file is read under its tmp name."""
+        if self.durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None
-        if not durable:
-            os.replace(self.tmp, self.path)
-            return None
-        fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
+        if not self.durable:
+            return None
         fsync_dir(self.path.parent)
         return self.digest.hexdigest()
 
+    def finish(self) -> str | None:
+        """Completes the file: `complete()` then `commit()`."""
+        self.complete()
+        return self.commit()
+
     def abandon(self) -> None:
+        if getattr(self, "worker", None) is not None:
+            self.worker.cancel()  # a background write may be using the descriptor
         if getattr(self, "fd", None) is not None:
             os.close(self.fd)
             self.fd = None

@@ -104,7 +104,7 @@ class ExpertQuantizer:
 
     # -- 1. inputs and routing ---------------------------------------------------------------------
     def _collect_inputs(self):
-        writer = self.run._writer(f"experts-{self.index:05d}-in.npy", self.hidden)
+        writer = self.run._writer(f"experts-{self.index:05d}-in.npy", self.hidden, durable=False)
         hessian = HessianAccumulator(self.hidden, self.run.device)
         index, weights = [], []
         try:
@@ -115,7 +115,7 @@ class ExpertQuantizer:
                 index.append(call.index.cpu())
                 weights.append(call.weights.cpu())
                 hessian.add_batch(call.hidden)
-            writer.finish(durable=False)
+            writer.finish()
         except BaseException:
             writer.abandon()
             raise

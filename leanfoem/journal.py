@@ -7,8 +7,9 @@ and the finished checkpoint is bit-identical to an uninterrupted run.
 What must stay true:
 - the journal is rewritten atomically after each finished block, and only after that block's shard
   and the next block's activation file are durable on disk;
-- it carries the fingerprint of every input (source shards, calibration rows, settings, versions);
-  resuming with a different fingerprint is refused, naming what changed;
+- it carries the fingerprint of every input (source shards, calibration rows, settings, versions, the
+  resolved compute dtype); resuming with a different fingerprint is refused, naming what changed (and, when
+  only the forward dtype differs, the `--dtype` that resumes it);
 - a block recorded as done has a shard whose sha256 matches; anything else in the work directory is
   scratch that may be overwritten.
 """
@@ -44,6 +45,16 @@ def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+def _dtype_hint(old: dict, new: dict) -> str:
+    """`--dtype auto` may choose otherwise on another machine (or with another torch): when the forward dtype is
+    the change, say how to resume in the dtype the run started with."""
+    was, now = old.get("compute", {}), new.get("compute", {})
+    if was.get("dtype") == now.get("dtype") or was.get("device") != now.get("device") \
+            or was.get("dtype") not in ("float32", "bfloat16"):
+        return ""
+    return f"the run started computing in {was['dtype']}: add --dtype {was['dtype']} to resume it, or "
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -73,8 +84,9 @@ class Journal:
             changes = describe_changes(old, fingerprint)
             if changes:
                 raise ResumeRefused("the output directory holds an unfinished run with other inputs ("
-                                    + "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else "")
-                                    + "); run with --restart to discard it, or choose another --out")
+                                    + "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else "") + "); "
+                                    + _dtype_hint(old, fingerprint)
+                                    + "run with --restart to discard it, or choose another --out")
             return cls(work_dir, state)
         work_dir.mkdir(parents=True, exist_ok=True)
         journal = cls(work_dir, {"version": 1, "fingerprint": fingerprint, "blocks": [], "inputs": None,

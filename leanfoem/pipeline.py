@@ -6,9 +6,13 @@ a killed run resumable: inputs of block i (a file) â†’ Hessians per sub-group â†
 one sub-group's Hessians and one batch of activations; device memory the same, without the store.
 
 What must stay true:
-- a block reads its inputs only from the activation file the journal names, so an interrupted and an
+- a block reads its inputs only from the activation file the journal names (or will name, once the previous
+  block's commit is done: the same bytes, read under the file's tmp name meanwhile), so an interrupted and an
   uninterrupted run compute from the same bits;
-- the journal entry of block i is written only after its shard and the inputs of block i+1 are durable;
+- the journal entry of block i is written only after its shard and the inputs of block i+1 are durable; that
+  commit runs on a background thread (`background_io.Worker`, one commit in flight) while block i+1 computes from
+  the same file in the page cache; an error there ends the run as it would have on this thread, and a stop (a
+  signal, an error) waits for the commit in flight, so no finished block is lost;
 - nothing in the input model directory is written; `config.json` in the output is written last;
 - every batching or dtype choice that changes the bits is part of the fingerprint.
 """
@@ -36,12 +40,14 @@ from transformers import AutoConfig, AutoTokenizer
 from . import __version__
 from .activations import ActivationReader, ActivationWriter, file_sha256
 from .architectures import architecture_for, check_terms_supported
+from .background_io import Worker
 from .blocks import BlockRunner, check_finite
 from .calibration import CalibrationError, load_calibration, rows_digest
 from .checkpoint_reader import CheckpointError, CheckpointReader
 from .expert_quantizer import CALIBRATION_MODES, ExpertQuantizer
 from .checkpoint_writer import (copy_side_files, quantization_config, shard_name, shard_tensor_names,
                                 write_configs, write_index, write_shard)
+from .dtype_choice import choose as choose_dtype
 from .hessian import HessianAccumulator
 from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
@@ -82,6 +88,7 @@ class QuantizeOptions:
     seqlen: int = 2048
     seed: int = 0
     device: str = "auto"
+    dtype: str = "auto"               # forward dtype: auto, float32, bfloat16 (resolved into the fingerprint)
     checkpoint_format: str = "gptq"
     batch_tokens: int | None = None   # tokens per forward batch (None: the planner's choice); in the fingerprint
     expert_calibration: str = "all"   # experts' statistics from all tokens, or from the tokens routed to each
@@ -92,7 +99,7 @@ class QuantizeOptions:
 
     def settings(self) -> dict:
         """The options that determine the output bits."""
-        skip = {"model", "out", "calib", "restart", "keep_work", "quiet", "device"}
+        skip = {"model", "out", "calib", "restart", "keep_work", "quiet", "device", "dtype"}  # device, dtype: as resolved
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -106,7 +113,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def compute_dtype(device: torch.device, config) -> torch.dtype:
-    """fp32 on the CPU (fast and exact there); the checkpoint's half type on an accelerator."""
+    """The forward dtype before `--dtype auto`'s detection (`dtype_choice`): fp32 on the CPU, the checkpoint's half
+    type on an accelerator. `leanfoem eval` computes in it."""
     if device.type == "cpu":
         return torch.float32
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -129,7 +137,8 @@ class QuantizeRun:
         self.config = without_stored_quantization(config)  # fp8 is read dequantized, other stored quantization refused
         self.arch = architecture_for(self.config)
         self.device = resolve_device(options.device)
-        self.dtype = compute_dtype(self.device, self.config)
+        self.dtype_choice = choose_dtype(options.dtype, self.device, compute_dtype(self.device, self.config))
+        self.dtype = self.dtype_choice.dtype
         limit = getattr(self.config, "max_position_embeddings", None) or options.seqlen
         self.seqlen = min(options.seqlen, limit)
         self.calib_source = options.calib or default_calibration()
@@ -152,6 +161,8 @@ class QuantizeRun:
         self.expert_group = self.plan.expert_group  # None for a dense model
         self.fingerprint = self._fingerprint()
         self.work = self.out / WORK_DIR_NAME
+        self._commits = Worker("commit", 1)  # block i's commit runs while block i+1 computes (`_commit_block`)
+        self._handover: list[tuple[str, ActivationReader]] | None = None  # block i+1's inputs, from block i
 
     def _plan(self):
         """The planner's budget for this machine (its card and RAM); it also picks the forward batch."""
@@ -160,7 +171,7 @@ class QuantizeRun:
         calib = Path(self.calib_source)
         return plan(self.config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=len(self.rows),
                     seqlen=self.seqlen, bits=o.bits, group_size=o.group_size, method=o.method, alpha=self.alpha,
-                    beta=self.beta, batch_tokens=o.batch_tokens,
+                    beta=self.beta, batch_tokens=o.batch_tokens, compute_dtype=self.dtype_choice.name,
                     calib_bytes=calib.stat().st_size if calib.is_file() else None,
                     expert_calibration=o.expert_calibration, expert_group=o.expert_group)
 
@@ -173,7 +184,7 @@ class QuantizeRun:
             "settings": dict(self.options.settings(), seqlen=self.seqlen, batch_tokens=self.batch_tokens,
                              expert_group=self.expert_group),
             "versions": {"leanfoem": __version__, "torch": torch.__version__.split("+")[0]},
-            "compute": {"device": self.device.type, "dtype": str(self.dtype).removeprefix("torch.")},
+            "compute": {"device": self.device.type, "dtype": self.dtype_choice.name},
         }
 
     # -- the run ------------------------------------------------------------------------------------
@@ -190,7 +201,8 @@ class QuantizeRun:
         runner.release_embedding()
         start = journal.blocks_done
         self._emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": len(self.rows),
-                    "tokens": sum(self.lengths), "device": str(self.device)})
+                    "tokens": sum(self.lengths), "device": str(self.device), "dtype": self.dtype_choice.name,
+                    "dtype_reason": self.dtype_choice.reason})
         bar = tqdm(total=runner.num_blocks, initial=start, desc="blocks", unit="block", disable=self.options.quiet)
         try:
             for index in range(start, runner.num_blocks):
@@ -202,6 +214,9 @@ class QuantizeRun:
                               f"(peak {entry['peak_rss_gib']:.2f})")
         finally:
             bar.close()
+            for _, reader in self._handover or ():
+                reader.close()
+            self._commits.drain()  # the last block's commit; after an error or a signal too: finished work is kept
         self._finish(journal, total_shards, digest)
         return self.out
 
@@ -254,7 +269,7 @@ class QuantizeRun:
 
     def _write_first_inputs(self, runner: BlockRunner, journal: Journal) -> None:
         name = "acts-00000.npy"
-        writer = ActivationWriter(self.work / name, self.lengths, self.config.hidden_size, self.dtype)
+        writer = self._writer(name, self.config.hidden_size, durable=True)
         try:
             for ids in self.rows:
                 writer.write(runner.block_inputs(ids)[0])
@@ -271,12 +286,11 @@ class QuantizeRun:
         source = runner.source_tensors(index, experts=False)  # the experts are read a group at a time
         block = runner.load(index, source)
         layout = runner.layout(index)
-        acts = self._open_inputs(journal.state["inputs"], verify)
-        structure = runner.checked_structure(index, block, acts.row(0), self.expert_group)  # before any change
-        streams = [_Stream("acts", block, index, acts)]
+        inputs, self._handover = self._handover or self._journal_inputs(journal, verify), None
+        structure = runner.checked_structure(index, block, inputs[0][1].row(0), self.expert_group)  # before changes
+        streams = [_Stream("acts", block, index, inputs[0][1])]
         if self.gptaq:  # the unquantized model's inputs of the same layers, for the cross term
-            streams.append(_Stream("native", copy.deepcopy(block), index,
-                                   self._open_inputs(journal.state["native_inputs"], verify)))
+            streams.append(_Stream("native", copy.deepcopy(block), index, inputs[1][1]))
         prefix = self.arch.block_prefix(index)
         for name in structure.linear_names:  # their packed form replaces them; keep only what is copied as is
             source.pop(prefix + layout.stored_module(name) + ".weight", None)
@@ -309,21 +323,26 @@ class QuantizeRun:
                 routed_sum.close()
         tensors = {k: v for k, v in source.items() if k not in packed}
         tensors.update(packed)
-        shard = shard_name(index + 1, total_shards)
-        sha = write_shard(self.out / shard, tensors)
-        entry = {"index": index, "shard": shard, "sha256": sha, "seconds": round(time.time() - started, 3),
-                 "loss": sum(losses), "rss_gib": psutil.Process().memory_info().rss / 2**30,
-                 "peak_rss_gib": peak_rss_gib()}
-        previous = [journal.state["inputs"]["file"]] + (
-            [journal.state["native_inputs"]["file"]] if self.gptaq else [])
-        outputs = [stream.finished for stream in streams] + [None]
+        entry = {"index": index, "shard": shard_name(index + 1, total_shards),
+                 "seconds": round(time.time() - started, 3), "loss": sum(losses),
+                 "rss_gib": psutil.Process().memory_info().rss / 2**30, "peak_rss_gib": peak_rss_gib()}
+        writers = [stream.finished for stream in streams]
+        self._handover = [(writer.path.name, stream.hidden) for writer, stream in zip(writers, streams)]
+        self._commits.submit(self._commit_block, journal, entry, tensors, writers, [name for name, _ in inputs])
+        runner.unload(index)
+        release_freed_memory()
+        return entry
+
+    def _commit_block(self, journal: Journal, entry: dict, tensors: dict, writers: list[ActivationWriter],
+                      previous: list[str]) -> None:
+        """Block done, on the commit thread while the next block computes: the next block's inputs made durable and
+        the block's shard written, then (only then) its journal entry, then the block's own inputs dropped."""
+        outputs = [{"file": writer.path.name, "sha256": writer.commit()} for writer in writers] + [None]
+        entry = dict(entry, sha256=write_shard(self.out / entry["shard"], tensors))
         journal.record_block(entry, outputs[0], outputs[1])
         for name in set(previous) - {o["file"] for o in outputs if o}:
             (self.work / name).unlink(missing_ok=True)
-        runner.unload(index)
-        release_freed_memory()
         self._emit(dict(entry, event="block"))
-        return entry
 
     def _prepare_group(self, runner, streams, branch, group, hand_back: bool) -> PreparedHessian:
         """The sub-group's Hessian pass and fp64 factorisation; with `hand_back`, freed memory is handed back before
@@ -349,6 +368,11 @@ class QuantizeRun:
         output = branch.output and block.get_submodule(branch.output)
         return bool(output) and (output.in_features <= self.config.hidden_size or self.plan.keeps_mlp_inputs)
 
+    def _journal_inputs(self, journal: Journal, verify: bool) -> list[tuple[str, ActivationReader]]:
+        """(file, reader) of each stream's inputs as the journal names them (the first block of a run)."""
+        entries = [journal.state["inputs"]] + ([journal.state["native_inputs"]] if self.gptaq else [])
+        return [(entry["file"], self._open_inputs(entry, verify)) for entry in entries]
+
     def _open_inputs(self, entry: dict, verify: bool) -> ActivationReader:
         path = self.work / entry["file"]
         if not path.is_file() or (verify and file_sha256(path) != entry["sha256"]):
@@ -365,6 +389,7 @@ class QuantizeRun:
                 j += 1
             if StopSignal.requested:
                 raise Interrupted
+            self._commits.check()  # the previous block's commit failed (a full disk): stop now, not a block later
             yield i, store.rows(i, j).to(device=self.device, dtype=self.dtype).view(j - i, self.lengths[i], -1)
             i = j
 
@@ -373,7 +398,7 @@ class QuantizeRun:
         each stream are also written to a work file (`_Stream.kept`) for `_advance`."""
         width = streams[0].block.get_submodule(module_name).in_features
         acc = HessianAccumulator(width, self.device, track_cross=self.gptaq)
-        writers = [self._writer(f"{s.kind}-kept.npy", width) for s in streams] if keep else []
+        writers = [self._writer(f"{s.kind}-kept.npy", width, durable=False) for s in streams] if keep else []
         try:
             for batches in zip(*(self._batches(s.hidden) for s in streams)):
                 xs = [runner.input_of(s.block, s.index, branch, module_name, batch)
@@ -383,7 +408,7 @@ class QuantizeRun:
                     for row in x:
                         writer.write(row)
             for stream, writer in zip(streams, writers):
-                writer.finish(durable=False)
+                writer.finish()
                 stream.kept = ActivationReader(writer.path, self.lengths, self.dtype)
         except BaseException:
             for writer in writers:
@@ -428,9 +453,9 @@ class QuantizeRun:
     def _advance(self, runner, stream: _Stream, branch, name: str, durable: bool, sums: dict) -> None:
         """The stream's hidden states after the (quantized) branch: h + output(kept inputs) when the pass over the
         output linear kept them, else h + body(norm(h)), the experts answering with their routed sums (`sums`).
-        The last branch's are the inputs of the next block, a durable file the journal names (`stream.finished`);
-        the others live only inside this block."""
-        writer = self._writer(name, self.config.hidden_size)
+        The last branch's are the inputs of the next block, a durable file the journal names once the block's commit
+        made it so (`stream.finished`, read meanwhile under its tmp name); the others live only inside this block."""
+        writer = self._writer(name, self.config.hidden_size, durable)
         starts = [0]
         for n in self.lengths:
             starts.append(starts[-1] + n)
@@ -444,7 +469,10 @@ class QuantizeRun:
                     after = runner.branch_output(stream.block, stream.index, branch, batch, routed)
                 for row in after:
                     writer.write(row)
-            digest = writer.finish(durable=durable)
+            if durable:
+                writer.complete()
+            else:
+                writer.finish()
         except BaseException:
             writer.abandon()
             raise
@@ -455,13 +483,15 @@ class QuantizeRun:
         if stream.hidden_is_temporary:  # a block boundary's file stays until the journal has moved past it
             stream.hidden.path.unlink()
         stream.kept, stream.hidden_is_temporary = None, not durable
-        stream.hidden = ActivationReader(writer.path, self.lengths, self.dtype)
+        stream.hidden = ActivationReader(writer.tmp if durable else writer.path, self.lengths, self.dtype)
         if durable:
-            stream.hidden.close()
-            stream.finished = {"file": name, "sha256": digest}
+            stream.finished = writer
 
-    def _writer(self, name: str, width: int) -> ActivationWriter:
-        return ActivationWriter(self.work / name, self.lengths, width, self.dtype)
+    def _writer(self, name: str, width: int, durable: bool) -> ActivationWriter:
+        """Rows are written on a background thread, at most one forward batch of them waiting (the previous batch's
+        outputs, which the caller held while computing the next one anyway)."""
+        return ActivationWriter(self.work / name, self.lengths, width, self.dtype, durable=durable,
+                                pending_bytes=self.batch_tokens * width * self.dtype.itemsize)
 
     def _finish(self, journal: Journal, total_shards: int, digest: str) -> None:
         extra = shard_name(total_shards, total_shards)
@@ -518,7 +548,7 @@ class _Stream:
     hidden: ActivationReader                 # hidden states entering the current branch
     kept: ActivationReader | None = None     # inputs of the branch's output linear, when kept
     hidden_is_temporary: bool = False        # `hidden` is a file inside the block, not a block boundary
-    finished: dict | None = None             # the durable file of the block's outputs: {"file", "sha256"}
+    finished: ActivationWriter | None = None  # the block's outputs, complete; `_commit_block` makes them durable
 
 
 class _LazyTokenizer:

@@ -417,7 +417,8 @@ def format_size(n: int | None) -> str:
 def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, host_memory: int | str | None = None,
          nsamples: int = 128, seqlen: int = 2048, bits: int = 4, group_size: int = 128, method: str = "foem",
          alpha: float = 0.0, beta: float = 0.2, batch_tokens: int | None = None, calib_bytes: int | None = None,
-         checkpoint_format: str = "gptq", expert_calibration: str = "all", expert_group: int | None = None) -> Plan:
+         checkpoint_format: str = "gptq", expert_calibration: str = "all", expert_group: int | None = None,
+         compute_dtype: str | None = None) -> Plan:
     """The budget of `leanfoem quantize` for this config and these settings.
 
     `device`: "cpu" or "cuda" (a "cuda:N" works too). `gpu_memory`/`host_memory`: the budgets, bytes or
@@ -427,6 +428,7 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
     Mixture-of-experts models: `expert_calibration` "all" (every expert's statistics from all calibration tokens)
     or "routed" (from the tokens routed to it); `expert_group=None` lets the planner choose how many experts are
     loaded and solved together (`_expert_group`), a given value is kept and checked.
+    `compute_dtype`: the forward dtype ("float32", "bfloat16", ...; None: fp32 on the CPU, half on CUDA).
     """
     del checkpoint_format  # same sizes in both formats
     if expert_calibration not in ("all", "routed"):
@@ -439,10 +441,12 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
         beta = 0.0
     seqlen = min(seqlen, shapes.max_positions or seqlen)
     calib_bytes = DEFAULT_CALIBRATION_BYTES if calib_bytes is None else calib_bytes
+    compute = (compute_dtype, 4 if compute_dtype == "float32" else 2) if compute_dtype else \
+        ("float32", 4) if kind == "cpu" else ("half (bf16/fp16 as stored)", 2)
 
     def at(tokens: int, group: int | None) -> Plan:
         return _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method, gptaq,
-                          beta, tokens, calib_bytes, group, expert_calibration)
+                          beta, tokens, calib_bytes, compute, group, expert_calibration)
 
     if batch_tokens is not None:
         batches = [batch_tokens]
@@ -481,8 +485,8 @@ def _expert_group(fits, experts: int) -> int | None:
 
 
 def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method, gptaq, beta,
-               batch_tokens, calib_bytes, group=None, calibration="all") -> Plan:
-    c = 4 if kind == "cpu" else 2                     # compute dtype bytes
+               batch_tokens, calib_bytes, compute: tuple[str, int], group=None, calibration="all") -> Plan:
+    compute_name, c = compute                         # the forward dtype and its bytes
     h = s.hidden
     rows = min(nsamples, max(1, batch_tokens // seqlen))  # pipeline._batches: whole rows, at least one
     bt = rows * seqlen                                 # tokens in one forward batch
@@ -578,7 +582,7 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
         reasons.append(f"host peak {format_size(required)} ({required_phase}) exceeds the host budget "
                        f"{format_size(host_budget)}")
     widths = [n for b in blocks for _, n in b.subgroups] + ([h, s.expert_intermediate] if moe else [])
-    return Plan(device=kind, compute_dtype="float32" if c == 4 else "half (bf16/fp16 as stored)",
+    return Plan(device=kind, compute_dtype=compute_name,
                 device_peak_bytes=int(device_peak), device_peak_phase=dev_phase, host_peak_bytes=int(host_peak),
                 host_peak_phase=host_phase, host_required_bytes=int(required), disk_output_bytes=int(disk_output),
                 disk_work_bytes=int(disk_work), disk_bytes=int(disk_output + disk_work), batch_tokens=int(bt),

@@ -419,6 +419,28 @@ def test_unreadable_journal_is_named_and_restart_recovers(model, tmp_path, calib
     assert_same_tensors(reference, out)
 
 
+def test_a_changed_compute_dtype_is_refused_naming_the_dtype_that_resumes(model, tmp_path, calib, capsys):
+    """`--dtype auto` may choose otherwise on another machine: a resume in another forward dtype is refused (one
+    checkpoint never mixes dtypes), naming the --dtype that resumes it; that resumes it to the bits of an
+    uninterrupted run in that dtype, which differ from an fp32 run's."""
+    args = quantize_args(model, tmp_path / "out", calib, "--dtype", "bfloat16")
+    interrupt_after_first_block(args)
+    capsys.readouterr()
+    out = out_of(args)
+    err = fails(capsys, quantize_args(model, out, calib, "--dtype", "float32"), "add --dtype bfloat16 to resume it",
+                untouched=[out, model])
+    assert 'compute.dtype: "bfloat16" -> "float32"' in err and "--restart" in err, err
+    assert main(args) == 0
+    start = json.loads((out / "quantize_log.jsonl").read_text().splitlines()[0])
+    assert start["dtype"] == "bfloat16" and start["dtype_reason"] == "--dtype bfloat16"
+    whole, fp32 = tmp_path / "whole", tmp_path / "fp32"
+    assert main(quantize_args(model, whole, calib, "--dtype", "bfloat16")) == 0
+    assert_same_tensors(whole, out)
+    assert main(quantize_args(model, fp32, calib, "--dtype", "float32")) == 0
+    shard = "model-00001-of-00003.safetensors"
+    assert (out / shard).read_bytes() != (fp32 / shard).read_bytes(), "--dtype bfloat16 computed in fp32"
+
+
 # -- a full disk --------------------------------------------------------------------------------------
 def _pages(nbytes: int) -> int:
     return -(-nbytes // 4096) * 4096

@@ -212,6 +212,20 @@ def test_killed_runs_resume_to_bit_identical_output(setup, extra, kills):
     assert max(e["resume_at"] for e in start_events(out)) > 0
 
 
+@pytest.mark.parametrize("extra", [(), ("--alpha", "0.25")], ids=["foem", "foem+gptaq"])
+def test_background_io_changes_no_bit(setup, extra):
+    """Rows, block commits and shards written on background threads (the default) give every output file of a run
+    that writes them all in the computing thread (LEANFOEM_SYNC_IO=1), byte for byte."""
+    import os
+    root, model, calib = setup
+    reference_dir, _ = reference(setup, *extra)
+    out = root / ("sync-io" + "".join(extra))
+    done = subprocess.run(command(model, out, calib, *extra), capture_output=True, text=True,
+                          env=dict(os.environ, LEANFOEM_SYNC_IO="1"))
+    assert done.returncode == 0, done.stderr
+    assert_identical(reference_dir, out)
+
+
 def test_rerun_of_a_finished_command_says_so_and_changes_nothing(setup):
     root, model, calib = setup
     out = root / "finished"
