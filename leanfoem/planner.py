@@ -159,6 +159,8 @@ class Shapes:
 
     @property
     def attention_subgroups(self) -> list[tuple[tuple[str, ...], int]]:
+        """The attention's sub-groups in quantization order and their input width; with MLA, the query and the
+        key/value down-projections share the block's normed input, then each up-projection has its own."""
         m = self.latent
         if m is None:
             return [(("q_proj", "k_proj", "v_proj"), self.hidden), (("o_proj",), self.heads * self.head_dim)]
@@ -170,7 +172,8 @@ class Shapes:
 
     @property
     def attention_width(self) -> int:
-        """Values per token of the attention's projected states (the forward's activations)."""
+        """Values per token of the attention's projected states (the forward's activations); with MLA, the
+        queries and kv_b_proj's up-projected keys and values."""
         m = self.latent
         if m is None:
             return (self.heads + self.kv_heads) * self.head_dim
@@ -178,7 +181,7 @@ class Shapes:
 
     @property
     def attention_other_params(self) -> int:
-        """Norms and biases of a block's attention branch and its two residual norms."""
+        """Norms and biases of a block's attention branch and its two residual norms (all a dense block copies)."""
         extra = 2 * self.hidden
         if self.qkv_bias:
             extra += (self.heads + 2 * self.kv_heads) * self.head_dim
@@ -204,19 +207,6 @@ class Shapes:
         return self.attention_subgroups + self._mlp(self.intermediate)[1]
 
     @property
-    def linear_params(self) -> int:
-        return sum(r * n for r, n in self.linears.values())
-
-    @property
-    def other_params(self) -> int:
-        """Norms and biases of a dense block (copied as they are)."""
-        return self.attention_other_params
-
-    @property
-    def block_params(self) -> int:
-        return self.linear_params + self.other_params
-
-    @property
     def expert_linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of one routed expert's linears, as stored (one tensor each)."""
         return self._mlp(self.expert_intermediate)[0]
@@ -231,7 +221,7 @@ class Shapes:
         kinds = []
         if self.layers > self.moe_layers:
             kinds.append(Block("dense", self.layers - self.moe_layers, self.linears, self.subgroups,
-                               self.other_params, self.intermediate, routed=False))
+                               self.attention_other_params, self.intermediate, routed=False))
         if self.moe_layers:
             linears, subgroups = dict(self.attention_linears), list(self.attention_subgroups)
             if self.shared_intermediate:
@@ -773,12 +763,13 @@ def _format_experts(p: Plan) -> list[str]:
     if p.experts:
         shared = (f" (+{p.shared_experts} shared of {p.shared_intermediate // p.shared_experts})"
                   if p.shared_experts else "")
-        lines.append(f"  experts       {p.experts} routed of {p.expert_intermediate}{shared} per block, top-{p.top_k}: "
-                     f"groups of {p.expert_group} experts ({p.expert_groups} group{'s' if p.expert_groups > 1 else ''})")
+        groups = f"{p.expert_groups} group{'s' if p.expert_groups > 1 else ''}"
+        lines.append(f"  experts       {p.experts} routed of {p.expert_intermediate}{shared} per block, "
+                     f"top-{p.top_k}: groups of {p.expert_group} experts ({groups})")
         tokens = "all calibration tokens" if p.expert_calibration == "all" else "the tokens routed to it"
-        lines.append(f"                {p.moe_blocks} MoE blocks of {p.moe_blocks + p.dense_blocks}; each expert's "
-                     f"statistics from {tokens}; work files of the experts' inputs and routed outputs "
-                     f"{format_size(p.expert_files_bytes)}")
+        lines.append(f"                {p.moe_blocks} of {p.moe_blocks + p.dense_blocks} blocks route to experts; "
+                     f"each expert's statistics from {tokens}; work files of the experts' inputs and routed "
+                     f"outputs {format_size(p.expert_files_bytes)}")
     if p.source_fp8:
         lines.append("  source        FP8 linears with block scales: read as stored, dequantized to bf16 one tensor "
                      "at a time")
