@@ -213,17 +213,14 @@ class BlockRunner:
             set_module_tensor_to_device(block, local, self.device, value=value, dtype=self.dtype)
         return block
 
-    def expert_weights(self, index: int, path: str, experts: range) -> tuple[torch.Tensor, torch.Tensor]:
-        """The [gate; up] and down weights of experts `experts` of the experts module `path`, read from the shards
-        ([G, 2I, H] and [G, H, I], on the device in the compute dtype)."""
-        prefix, layout = self.arch.block_prefix(index), self.layout(index)
-        out = []
-        for param in (layout.fused[path + ".gate_up_proj"], layout.fused[path + ".down_proj"]):
-            names = [[prefix + n for n in param.stored(e)] for e in experts]
-            read = self.reader.tensors([n for pieces in names for n in pieces])
-            value = fuse([[check_finite(n, read.pop(n)) for n in pieces] for pieces in names])
-            out.append(value.to(device=self.device, dtype=self.dtype))
-        return out[0], out[1]
+    def expert_weights(self, index: int, path: str, experts: range, part: str) -> torch.Tensor:
+        """One 3-D parameter (`part`: "gate_up_proj" [G, 2I, H] or "down_proj" [G, H, I]) of experts `experts` of the
+        experts module `path`, read from the shards, on the device in the compute dtype."""
+        prefix, param = self.arch.block_prefix(index), self.layout(index).fused[f"{path}.{part}"]
+        names = [[prefix + n for n in param.stored(e)] for e in experts]
+        read = self.reader.tensors([n for pieces in names for n in pieces])
+        value = fuse([[check_finite(n, read.pop(n)) for n in pieces] for pieces in names])
+        return value.to(device=self.device, dtype=self.dtype)
 
     def expert_names(self, index: int, path: str, expert: int) -> tuple[list[str], list[str]]:
         """Full stored names (without `.weight`) of one expert's gate/up pieces (in row order) and down projection."""
@@ -258,7 +255,8 @@ class BlockRunner:
             group = {}
             for path in structure.experts:
                 count = block.get_submodule(path).num_experts
-                group[path] = (0, *self.expert_weights(index, path, range(min(expert_group or count, count))))
+                first = range(min(expert_group or count, count))
+                group[path] = (0, *(self.expert_weights(index, path, first, p) for p in ("gate_up_proj", "down_proj")))
             verify(block, structure, hidden, kwargs, f"block {index}", group)
             self._verified.add(call)
         return structure

@@ -104,11 +104,11 @@ class ExpertQuantizer:
 
     # -- 1. inputs and routing ---------------------------------------------------------------------
     def _collect_inputs(self):
-        writer = self.run._writer(f"experts-{self.index:05d}-in.npy", self.hidden, durable=False)
+        writer = self.run.work_writer(f"experts-{self.index:05d}-in.npy", self.hidden, durable=False)
         hessian = HessianAccumulator(self.hidden, self.run.device)
         index, weights = [], []
         try:
-            for _, batch in self.run._batches(self.stream.hidden):
+            for _, batch in self.run.batches(self.stream.hidden):
                 call = self.runner.routed_call(self.block, self.index, self.branch, self.path, batch)
                 for row in call.hidden.view(batch.shape[0], batch.shape[1], -1):
                     writer.write(row)
@@ -126,7 +126,7 @@ class ExpertQuantizer:
 
     def _calls(self):
         """The experts' inputs and routing again, batch by batch (as the model passed them)."""
-        for i, batch in self.run._batches(self.inputs):
+        for i, batch in self.run.batches(self.inputs):
             t0 = self.offsets[i]
             x = batch.reshape(-1, self.hidden)
             t1 = t0 + x.shape[0]
@@ -156,11 +156,8 @@ class ExpertQuantizer:
 
     def _quantize_group(self, experts: range, packed: dict, losses: list, sums: RoutedSum) -> list[ExpertReport]:
         started = time.time()
-        gate_up, down = self.runner.expert_weights(self.index, self.path, experts)
-        gate_up_q, gate_up_results = self._solve_gate_up(experts, gate_up)
-        del gate_up
-        down_q, down_results = self._solve_down(experts, gate_up_q, down)
-        del down
+        gate_up_q, gate_up_results = self._solve_gate_up(experts)
+        down_q, down_results = self._solve_down(experts, gate_up_q)
         for t0, call in self._calls():
             acc = sums.read(t0, call.hidden.shape[0]).to(self.run.device)
             add_routed(acc, call, self.module, experts.start, gate_up_q, down_q)
@@ -179,27 +176,42 @@ class ExpertQuantizer:
             return False, "no calibration token was routed to it: statistics from all tokens"
         return True, None
 
-    def _solve_gate_up(self, experts: range, gate_up: torch.Tensor):
-        """[G, 2I, H] quantized (dequantized values, compute dtype) and each expert's solve results."""
-        rows = gate_up.shape[1]
+    def _solve_gate_up(self, experts: range):
+        """The group's [gate; up] weights read and solved: [G, 2I, H] quantized (dequantized values, compute dtype)
+        and each expert's solve results. The experts on the all-token U are solved as one matrix, laid out straight
+        into the column loop's [H, rows] layout, and the weights as read are dropped before the loop (at 128 experts
+        of 768 x 2048 each copy is 1.5 GiB)."""
+        gate_up = self.runner.expert_weights(self.index, self.path, experts, "gate_up_proj")
+        count, rows, width = gate_up.shape
         routed = [self._hessian_tokens(e, int(self.routed[e]))[0] for e in experts]
-        results = [None] * len(experts)
         shared = [local for local, own in enumerate(routed) if not own]
+        own = {local: gate_up[local].clone() for local, flag in enumerate(routed) if flag}
+        columns = torch.empty((width, len(shared) * rows), dtype=torch.float32, device=gate_up.device)
+        for k, local in enumerate(shared):
+            columns[:, k * rows:(k + 1) * rows] = gate_up[local].T
+        del gate_up
+        results = [None] * count
         if shared:  # one column loop over the stacked rows of every expert that uses the all-token U
-            weight = gate_up[shared].reshape(len(shared) * rows, -1)
-            res = self._solve(weight, self.all_tokens, f"{self.path} experts {experts.start}..{experts.stop - 1}")
+            res = self._solve(columns.T, self.all_tokens, f"{self.path} experts {experts.start}..{experts.stop - 1}")
             for local, part in zip(shared, res.split([rows] * len(shared))):
                 results[local] = part
-        own = [local for local, flag in enumerate(routed) if flag]
+        del columns
         if own:
-            hessians = self._routed_hessians(experts, own, self.hidden, lambda call, local, token: call.hidden[token])
-            for local, hessian in zip(own, hessians):
+            hessians = self._routed_hessians(experts, list(own), width, lambda call, local, token: call.hidden[token])
+            for (local, weight), hessian in zip(own.items(), hessians):
                 name = self._name(experts.start + local)
-                results[local] = self._solve(gate_up[local], self._prepare(hessian, name), name)
-        gate_up_q = torch.stack([r.dequantized for r in results]).to(device=self.run.device, dtype=self.run.dtype)
-        return gate_up_q, results
+                results[local] = self._solve(weight, self._prepare(hessian, name), name)
+        return self._dequantized(results, (count, rows, width)), results
 
-    def _solve_down(self, experts: range, gate_up_q: torch.Tensor, down: torch.Tensor):
+    def _dequantized(self, results: list, shape: tuple) -> torch.Tensor:
+        """The experts' quantized weights, [G, out, in] in the compute dtype, filled an expert at a time."""
+        out = torch.empty(shape, dtype=self.run.dtype, device=self.run.device)
+        for local, result in enumerate(results):
+            out[local] = result.dequantized
+        return out
+
+    def _solve_down(self, experts: range, gate_up_q: torch.Tensor):
+        down = self.runner.expert_weights(self.index, self.path, experts, "down_proj")
         width = down.shape[2]
         routed = [self._hessian_tokens(e, int(self.routed[e]))[0] for e in experts]
 
@@ -212,8 +224,7 @@ class ExpertQuantizer:
         for local, hessian in enumerate(hessians):
             name = self._name(experts.start + local)
             results.append(self._solve(down[local], self._prepare(hessian, name), name))
-        down_q = torch.stack([r.dequantized for r in results]).to(device=self.run.device, dtype=self.run.dtype)
-        return down_q, results
+        return self._dequantized(results, tuple(down.shape)), results
 
     def _routed_hessians(self, experts: range, locals_: list[int] | range, width: int, inputs,
                          all_tokens: bool = False) -> list:
@@ -234,9 +245,10 @@ class ExpertQuantizer:
             raise FactorizationError(f"{name}: {exc}") from None
 
     def _solve(self, weight: torch.Tensor, prepared, name: str):
+        """`weight` [out, in]; the column loop works in its storage when weight.T is a contiguous fp32 tensor."""
         o = self.run.options
         return quantize_prepared(weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                                 method=o.method, beta=self.run.beta)
+                                 method=o.method, beta=self.run.beta, overwrite=True)
 
     # -- output ------------------------------------------------------------------------------------
     def _name(self, expert: int) -> str:
@@ -253,7 +265,7 @@ class ExpertQuantizer:
                               int(self.routed[expert]) if own else self.offsets[-1], down.damp,
                               gate_up.loss + down.loss, fallback)
         losses.append(report.loss)
-        self.run._emit({"event": "expert", **vars(report), "damp_gate_up": gate_up.damp, "seconds": round(seconds, 3)})
+        self.run.emit({"event": "expert", **vars(report), "damp_gate_up": gate_up.damp, "seconds": round(seconds, 3)})
         return report
 
     def _summarize(self, reports: list[ExpertReport]) -> None:
@@ -261,8 +273,8 @@ class ExpertQuantizer:
         least = sorted(reports, key=lambda r: (r.routed_tokens, r.module))[:3]
         shown = ", ".join(f"{r.module.rsplit('.', 1)[-1]} ({r.routed_tokens})" for r in least)
         fallbacks = sum(r.fallback is not None for r in reports)
-        self.run._emit({"event": "experts", "module": self._name(0).rsplit(".", 1)[0], "experts": len(reports),
+        self.run.emit({"event": "experts", "module": self._name(0).rsplit(".", 1)[0], "experts": len(reports),
                        "calibration": self.mode, "group": self.group, "least_routed": shown,
                        "all_token_fallbacks": fallbacks})
-        self.run._say(f"  {self._name(0).rsplit('.', 1)[0]}: {len(reports)} experts quantized ({self.mode} tokens, "
+        self.run.say(f"  {self._name(0).rsplit('.', 1)[0]}: {len(reports)} experts quantized ({self.mode} tokens, "
                      f"groups of {self.group}); least routed: {shown}")

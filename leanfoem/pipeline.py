@@ -3,7 +3,9 @@
 Why it exists: it ties the pieces together in the one order that keeps memory flat in depth and makes
 a killed run resumable: inputs of block i (a file) → Hessians per sub-group → solver → quantized block
 → inputs of block i+1 (a file) → packed shard of block i → journal entry. Host memory holds one block,
-one sub-group's Hessians and one batch of activations; device memory the same, without the store.
+one sub-group's Hessians and one batch of activations; device memory the same, without the store. A block's routed
+experts are never all in memory: `expert_quantizer.py` reads, solves and folds them in a group at a time, and the
+branch that holds them runs with their routed sum standing in for them.
 
 What must stay true:
 - a block reads its inputs only from the activation file the journal names (or will name, once the previous
@@ -14,7 +16,7 @@ What must stay true:
   the same file in the page cache; an error there ends the run as it would have on this thread, and a stop (a
   signal, an error) waits for the commit in flight, so no finished block is lost;
 - nothing in the input model directory is written; `config.json` in the output is written last;
-- every batching or dtype choice that changes the bits is part of the fingerprint.
+- every batching, grouping or dtype choice that changes the bits is part of the fingerprint.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ from .background_io import Worker
 from .blocks import BlockRunner, check_finite
 from .calibration import CalibrationError, load_calibration, rows_digest
 from .checkpoint_reader import CheckpointError, CheckpointReader
-from .expert_quantizer import CALIBRATION_MODES, ExpertQuantizer
 from .checkpoint_writer import (copy_side_files, quantization_config, shard_name, shard_tensor_names,
                                 write_configs, write_index, write_shard)
 from .dtype_choice import choose as choose_dtype
+from .expert_quantizer import CALIBRATION_MODES, ExpertQuantizer
 from .hessian import HessianAccumulator
 from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
@@ -200,9 +202,10 @@ class QuantizeRun:
             self._write_first_inputs(runner, journal)
         runner.release_embedding()
         start = journal.blocks_done
-        self._emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": len(self.rows),
+        self.emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": len(self.rows),
                     "tokens": sum(self.lengths), "device": str(self.device), "dtype": self.dtype_choice.name,
                     "dtype_reason": self.dtype_choice.reason})
+        self._announce_layers_left_out(runner.num_blocks)
         bar = tqdm(total=runner.num_blocks, initial=start, desc="blocks", unit="block", disable=self.options.quiet)
         try:
             for index in range(start, runner.num_blocks):
@@ -220,6 +223,22 @@ class QuantizeRun:
         self._finish(journal, total_shards, digest)
         return self.out
 
+    def _announce_layers_left_out(self, num_blocks: int) -> None:
+        """Tensors stored under the blocks' prefix past the model's last block (DeepSeek-V3/R1's multi-token-
+        prediction layer: `model.layers.61.*` with 61 layers) belong to no module transformers builds: they are neither
+        quantized nor copied (the output is the model transformers loads). Said on screen and in the log, never
+        silently: a server that wants them for speculative decoding reads them from the source checkpoint."""
+        left = {}
+        for name in self.reader.names(self.arch.layers + "."):
+            layer = name[len(self.arch.layers) + 1:].split(".", 1)[0]
+            if layer.isdigit() and int(layer) >= num_blocks:
+                left.setdefault(int(layer), []).append(name)
+        for layer, names in sorted(left.items()):
+            self.emit({"event": "left_out", "layer": layer, "tensors": len(names),
+                       "reason": f"past the model's {num_blocks} decoder layers (not part of the transformers model)"})
+            self.say(f"note: {self.arch.layers}.{layer} ({len(names)} tensors) lies past the model's {num_blocks} "
+                     "decoder layers (a multi-token-prediction layer?): not part of the transformers model, left out")
+
     def _finished_already(self, digest: str) -> bool:
         config = self.out / "config.json"
         if not config.is_file():
@@ -233,7 +252,7 @@ class QuantizeRun:
                               "choose another --out (nothing was changed)")
         if not self.options.keep_work:  # left over when a run was killed after writing config.json
             shutil.rmtree(self.work, ignore_errors=True)
-        self._say(f"{self.out} is already complete for these inputs and settings")
+        self.say(f"{self.out} is already complete for these inputs and settings")
         return True
 
     def _prepare_output(self) -> None:
@@ -269,7 +288,7 @@ class QuantizeRun:
 
     def _write_first_inputs(self, runner: BlockRunner, journal: Journal) -> None:
         name = "acts-00000.npy"
-        writer = self._writer(name, self.config.hidden_size, durable=True)
+        writer = self.work_writer(name, self.config.hidden_size, durable=True)
         try:
             for ids in self.rows:
                 writer.write(runner.block_inputs(ids)[0])
@@ -342,7 +361,7 @@ class QuantizeRun:
         journal.record_block(entry, outputs[0], outputs[1])
         for name in set(previous) - {o["file"] for o in outputs if o}:
             (self.work / name).unlink(missing_ok=True)
-        self._emit(dict(entry, event="block"))
+        self.emit(dict(entry, event="block"))
 
     def _prepare_group(self, runner, streams, branch, group, hand_back: bool) -> PreparedHessian:
         """The sub-group's Hessian pass and fp64 factorisation; with `hand_back`, freed memory is handed back before
@@ -379,7 +398,7 @@ class QuantizeRun:
             raise CheckpointError(f"work file {path} is missing or damaged; run with --restart to start over")
         return ActivationReader(path, self.lengths, self.dtype)
 
-    def _batches(self, store: ActivationReader):
+    def batches(self, store: ActivationReader):
         """Consecutive rows of equal length, up to batch_tokens tokens per batch."""
         i = 0
         while i < len(store):
@@ -398,9 +417,9 @@ class QuantizeRun:
         each stream are also written to a work file (`_Stream.kept`) for `_advance`."""
         width = streams[0].block.get_submodule(module_name).in_features
         acc = HessianAccumulator(width, self.device, track_cross=self.gptaq)
-        writers = [self._writer(f"{s.kind}-kept.npy", width, durable=False) for s in streams] if keep else []
+        writers = [self.work_writer(f"{s.kind}-kept.npy", width, durable=False) for s in streams] if keep else []
         try:
-            for batches in zip(*(self._batches(s.hidden) for s in streams)):
+            for batches in zip(*(self.batches(s.hidden) for s in streams)):
                 xs = [runner.input_of(s.block, s.index, branch, module_name, batch)
                       for s, (_, batch) in zip(streams, batches)]
                 acc.add_batch(xs[0], xs[1] if self.gptaq else None)
@@ -443,7 +462,7 @@ class QuantizeRun:
             tensors.update({stored + "." + k: v.cpu() for k, v in part.pack(o.checkpoint_format).items()})
             if linear.bias is not None:
                 tensors[stored + ".bias"] = linear.bias.detach().to("cpu", torch.float16)
-            self._emit({"event": "module", "module": prefix + name, "loss": part.loss, "damp": part.damp,
+            self.emit({"event": "module", "module": prefix + name, "loss": part.loss, "damp": part.damp,
                         "condition": part.stats.get("condition"), "seconds": seconds, "solved_with": list(group),
                         "rss_gib": psutil.Process().memory_info().rss / 2**30,
                         "device_peak_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -455,13 +474,13 @@ class QuantizeRun:
         output linear kept them, else h + body(norm(h)), the experts answering with their routed sums (`sums`).
         The last branch's are the inputs of the next block, a durable file the journal names once the block's commit
         made it so (`stream.finished`, read meanwhile under its tmp name); the others live only inside this block."""
-        writer = self._writer(name, self.config.hidden_size, durable)
+        writer = self.work_writer(name, self.config.hidden_size, durable)
         starts = [0]
         for n in self.lengths:
             starts.append(starts[-1] + n)
         try:
-            kept = self._batches(stream.kept) if stream.kept is not None else None
-            for i, batch in self._batches(stream.hidden):
+            kept = self.batches(stream.kept) if stream.kept is not None else None
+            for i, batch in self.batches(stream.hidden):
                 if kept is not None:
                     after = runner.output_from_kept(stream.block, stream.index, branch, batch, next(kept)[1])
                 else:
@@ -487,7 +506,7 @@ class QuantizeRun:
         if durable:
             stream.finished = writer
 
-    def _writer(self, name: str, width: int, durable: bool) -> ActivationWriter:
+    def work_writer(self, name: str, width: int, durable: bool) -> ActivationWriter:
         """Rows are written on a background thread, at most one forward batch of them waiting (the previous batch's
         outputs, which the caller held while computing the next one anyway)."""
         return ActivationWriter(self.work / name, self.lengths, width, self.dtype, durable=durable,
@@ -518,17 +537,17 @@ class QuantizeRun:
         write_configs(self.out, config, qconfig)
         if not o.keep_work:
             shutil.rmtree(self.work, ignore_errors=True)
-        self._emit({"event": "done", "out": str(self.out)})
+        self.emit({"event": "done", "out": str(self.out)})
 
     # -- reporting ----------------------------------------------------------------------------------
-    def _emit(self, record: dict) -> None:
+    def emit(self, record: dict) -> None:
         record = dict(record, time=round(time.time(), 3))
         with open(self.out / LOG_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         if not self.options.quiet:
-            print(text)
+            tqdm.write(text)  # above the progress bar, not through it
 
 
 def _answer_with(routed_sum, start: int):

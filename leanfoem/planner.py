@@ -478,7 +478,7 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
                batch_tokens, calib_bytes, compute: tuple[str, int], group=None, calibration="all") -> Plan:
     compute_name, c = compute                         # the forward dtype and its bytes
     h = s.hidden
-    rows = min(nsamples, max(1, batch_tokens // seqlen))  # pipeline._batches: whole rows, at least one
+    rows = min(nsamples, max(1, batch_tokens // seqlen))  # pipeline.batches: whole rows, at least one
     bt = rows * seqlen                                 # tokens in one forward batch
     tokens = nsamples * seqlen
     moe = bool(s.moe_layers)

@@ -129,7 +129,7 @@ def test_routed_sums_of_groups_are_the_experts_modules_output_bit_for_bit(tmp_pa
     acc = torch.zeros_like(hidden)
     for first in range(0, EXPERTS, 3):
         experts = range(first, min(first + 3, EXPERTS))
-        gate_up, down = runner.expert_weights(0, "mlp.experts", experts)
+        gate_up, down = (runner.expert_weights(0, "mlp.experts", experts, p) for p in ("gate_up_proj", "down_proj"))
         add_routed(acc, RoutedCall(hidden, index, weights), module, first, gate_up, down)
     assert torch.equal(acc, expected)
 
@@ -216,3 +216,28 @@ def test_gptaq_is_refused_for_moe_models_up_front_by_quantize_and_plan(tmp_path,
     assert code == 2 and len(err) == 1 and "GPTAQ" in err[0] and not (tmp_path / "out").exists()
     assert main(["plan", "--model", str(source), "--alpha", "0.25"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == err
+
+
+def test_a_layer_past_the_last_block_is_left_out_and_said(tmp_path, tokenizer_dir, calib_file, capsys):
+    """DeepSeek-V3/R1 store a multi-token-prediction layer after the last block (`model.layers.61.*` with 61 layers,
+    `num_nextn_predict_layers` 1). transformers builds no module for it: leanfoem neither quantizes nor copies it,
+    and says so on screen and in the log instead of dropping it silently."""
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="deepseek_v3")
+    extra = {"model.layers.2.eh_proj.weight": torch.randn(128, 256).to(torch.bfloat16),
+             "model.layers.2.enorm.weight": torch.ones(128, dtype=torch.bfloat16),
+             "model.layers.2.hnorm.weight": torch.ones(128, dtype=torch.bfloat16)}
+    save_file(extra, source / "model-mtp.safetensors", {"format": "pt"})
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({name: "model-mtp.safetensors" for name in extra})
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=1)))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(source), "--out", str(out), "--calib", str(calib_file), "--nsamples", "4",
+                 "--seqlen", "32", "--group-size", "64"]) == 0
+    said = capsys.readouterr().out
+    assert "model.layers.2 (3 tensors) lies past the model's 2 decoder layers" in said
+    assert not any(n.startswith("model.layers.2.") for n in index_of(out))
+    events = [json.loads(line) for line in (out / "quantize_log.jsonl").read_text().splitlines()]
+    assert [(e["layer"], e["tensors"]) for e in events if e["event"] == "left_out"] == [(2, 3)]
