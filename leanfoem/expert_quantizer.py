@@ -26,8 +26,10 @@ What must stay true:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +103,15 @@ class ExpertQuantizer:
         self.offsets = [0]
         for n in run.lengths:
             self.offsets.append(self.offsets[-1] + n)
+        self.seconds = defaultdict(float)  # per stage, for the log: where an MoE block's time goes
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - started
 
     # -- 1. inputs and routing ---------------------------------------------------------------------
     def _collect_inputs(self):
@@ -136,9 +147,11 @@ class ExpertQuantizer:
     def quantize(self, packed: dict, losses: list) -> RoutedSum:
         """Quantizes every expert (packed tensors into `packed`, their losses into `losses`) and returns the routed
         sum of the quantized experts for every calibration token."""
-        shared = self._collect_inputs()
+        with self._timed("inputs and routing"):
+            shared = self._collect_inputs()
         tokens = self.offsets[-1]
-        self.all_tokens = self._prepare(shared, f"{self.path} (all experts' inputs)")
+        with self._timed("gate/up factorisation"):
+            self.all_tokens = self._prepare(shared, f"{self.path} (all experts' inputs)")
         sums = RoutedSum(self.run.work / f"experts-{self.index:05d}-sum.bin", tokens, self.hidden, self.run.dtype)
         reports = []
         try:
@@ -156,17 +169,17 @@ class ExpertQuantizer:
 
     def _quantize_group(self, experts: range, packed: dict, losses: list, sums: RoutedSum) -> list[ExpertReport]:
         started = time.time()
-        gate_up_q, gate_up_results = self._solve_gate_up(experts)
+        with self._timed("gate/up solve"):
+            gate_up_q, gate_up_results = self._solve_gate_up(experts)
         down_q, down_results = self._solve_down(experts, gate_up_q)
-        for t0, call in self._calls():
-            acc = sums.read(t0, call.hidden.shape[0]).to(self.run.device)
-            add_routed(acc, call, self.module, experts.start, gate_up_q, down_q)
-            sums.write(t0, acc)
-        reports = []
-        for local, expert in enumerate(experts):
-            reports.append(self._pack(expert, gate_up_results[local], down_results[local], packed, losses,
-                                      time.time() - started))
-        return reports
+        with self._timed("routed output"):
+            for t0, call in self._calls():
+                acc = sums.read(t0, call.hidden.shape[0]).to(self.run.device)
+                add_routed(acc, call, self.module, experts.start, gate_up_q, down_q)
+                sums.write(t0, acc)
+        with self._timed("packing"):
+            return [self._pack(expert, gate_up_results[local], down_results[local], packed, losses,
+                               time.time() - started) for local, expert in enumerate(experts)]
 
     def _hessian_tokens(self, expert: int, token_count: int) -> tuple[bool, str | None]:
         """Whether the expert's statistics come from its routed tokens, and why not where they don't."""
@@ -219,11 +232,13 @@ class ExpertQuantizer:
             return expert_inputs(self.module, call, experts.start, gate_up_q, experts.start + local,
                                  token if routed[local] else None)
 
-        hessians = self._routed_hessians(experts, range(len(experts)), width, inputs, all_tokens=not any(routed))
+        with self._timed("down Hessians"):
+            hessians = self._routed_hessians(experts, range(len(experts)), width, inputs, all_tokens=not any(routed))
         results = []
-        for local, hessian in enumerate(hessians):
-            name = self._name(experts.start + local)
-            results.append(self._solve(down[local], self._prepare(hessian, name), name))
+        with self._timed("down solves"):
+            for local, hessian in enumerate(hessians):
+                name = self._name(experts.start + local)
+                results.append(self._solve(down[local], self._prepare(hessian, name), name))
         return self._dequantized(results, tuple(down.shape)), results
 
     def _routed_hessians(self, experts: range, locals_: list[int] | range, width: int, inputs,
@@ -275,6 +290,7 @@ class ExpertQuantizer:
         fallbacks = sum(r.fallback is not None for r in reports)
         self.run.emit({"event": "experts", "module": self._name(0).rsplit(".", 1)[0], "experts": len(reports),
                        "calibration": self.mode, "group": self.group, "least_routed": shown,
-                       "all_token_fallbacks": fallbacks})
+                       "all_token_fallbacks": fallbacks,
+                       "seconds": {stage: round(t, 3) for stage, t in self.seconds.items()}})
         self.run.say(f"  {self._name(0).rsplit('.', 1)[0]}: {len(reports)} experts quantized ({self.mode} tokens, "
                      f"groups of {self.group}); least routed: {shown}")
