@@ -86,7 +86,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = [check(f, args.workdir, args.ref_python) for f in args.families.split(",")]
     version = subprocess.run([args.ref_python, "-c", "import gptqmodel; print(gptqmodel.__version__)"],
-                             capture_output=True, text=True).stdout.strip()
+                             capture_output=True, text=True).stdout.strip().splitlines()[-1]  # after its banner
     lines = [f"Command: `python tools/check_moe_loaders.py --families {args.families}` ({machine_line()}; "
              f"GPTQModel {version} in the reference venv, CPU).", "",
              "| family | loads in GPTQModel | its class, kernel | logits vs hand-dequantized (relative) |",
