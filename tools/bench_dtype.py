@@ -32,7 +32,7 @@ from bench_defaults import MODELS, model_dir  # noqa: E402
 from benchdoc import machine_line  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
-FIGURES = (("perplexity", "perplexity", 3), ("kld_mean", "KLD mean", 5), ("top1_agreement", "top-1 agreement", 4))
+FIGURES = (("perplexity", "perplexity", 3), ("kld_mean", "KLD mean", 7), ("top1_agreement", "top-1 agreement", 4))
 
 
 def run_one(work: Path, model: str, dtype: str, draw: int) -> dict:

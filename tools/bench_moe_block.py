@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def main() -> None:
                           check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
     forecast = json.loads(plan[-1])
     out = args.workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)  # a finished output of the same settings would be taken as done
     cmd = [sys.executable, "-m", "leanfoem", "quantize", *common, "--out", str(out), "--restart", "--quiet",
            "--expert-calibration", args.expert_calibration]
     measured = run(cmd)
