@@ -174,11 +174,12 @@ def run_plan(args) -> int:
     from .source_formats import without_stored_quantization
     kind, gpu, host = budgets_for(args.device, args.gpu_memory, args.host_memory)
     calib_bytes = os.path.getsize(args.calib) if args.calib and os.path.isfile(args.calib) else None
-    config = without_stored_quantization(load_config(args.model))  # refused as `quantize` refuses it
+    stored = load_config(args.model)  # an FP8 source's quantization_config stays in what is planned: it reads fp8
+    config = without_stored_quantization(stored)  # refused as `quantize` refuses it
     architecture_for(config)  # a plan for a model that `quantize` refuses would be a promise it breaks
     check_terms_supported(config, 0.0 if args.method in ("gptq", "rtn") else args.alpha)
     dtype = None if kind == "cuda" and args.dtype == "auto" else _resolved_dtype(args.dtype)
-    result = plan(config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
+    result = plan(stored, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
                   alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes,
                   compute_dtype=dtype, expert_calibration=args.expert_calibration, expert_group=args.expert_group)

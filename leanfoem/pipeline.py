@@ -53,7 +53,7 @@ from .expert_quantizer import CALIBRATION_MODES, ExpertQuantizer
 from .hessian import HessianAccumulator
 from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
-from .planner import budgets_for, check_fits, plan
+from .planner import budgets_for, check_fits, load_config, plan
 from .solver import PreparedHessian, method_terms, prepare_hessian, quantize_prepared, quantize_weight
 from .source_formats import without_stored_quantization
 
@@ -171,7 +171,8 @@ class QuantizeRun:
         o = self.options
         kind, gpu, host = budgets_for(str(self.device), None, None)
         calib = Path(self.calib_source)
-        return plan(self.config, device=kind, gpu_memory=gpu, host_memory=host, nsamples=len(self.rows),
+        stored = load_config(str(self.model_dir))  # with an FP8 source's quantization_config: the planner counts fp8
+        return plan(stored, device=kind, gpu_memory=gpu, host_memory=host, nsamples=len(self.rows),
                     seqlen=self.seqlen, bits=o.bits, group_size=o.group_size, method=o.method, alpha=self.alpha,
                     beta=self.beta, batch_tokens=o.batch_tokens, compute_dtype=self.dtype_choice.name,
                     calib_bytes=calib.stat().st_size if calib.is_file() else None,

@@ -656,8 +656,11 @@ def _expert_phases(s: Shapes, b: Block, kind, c, bt, group, calibration, gptaq, 
     h, i, g, k = s.hidden, s.expert_intermediate, group, 2 if gptaq else 1
     fp64 = 1 if kind == "cpu" else 2  # fp64 n×n buffers of one factorisation (LAPACK / torch), one at a time
     experts = g * s.expert_params * c
-    weights = [("block weights without the experts (compute dtype)", b.params * c),
-               (f"weights of {g} experts (compute dtype)", experts)] + (
+    block = [("block weights without the experts (compute dtype)", b.params * c)]
+    # from the gate/up solve on: the group's quantized gate/up and its down weights as read (expert_quantizer.py
+    # drops the gate/up weights as read once they are laid out for the column loop), and the group's codes
+    weights = block + [(f"weights of {g} experts (compute dtype)", experts),
+                       (f"codes of {g} experts' solves (uint8), until packed", g * s.expert_params)] + (
               [("native copy of the group (GPTAQ)", experts)] if gptaq else [])
     gate_up = _gate_up_state(s, g, calibration, gptaq)
     down = [(f"down_proj Hessians I×I fp32, one per expert of the group ({g})", k * g * i * i * 4)]
@@ -667,14 +670,14 @@ def _expert_phases(s: Shapes, b: Block, kind, c, bt, group, calibration, gptaq, 
         "expert group: forward, one expert at a time": weights + gate_up + down + [
             ("batch inputs", bt * h * c), ("one expert's intermediates (gate, up, product)", bt * 3 * i * c),
             ("routed outputs of the batch (fp32)", bt * h * 4), ("fp32 chunk of inputs", chunk)],
-        "expert group: gate/up factorisation": weights + gate_up + [("fp64 factorisation buffers", fp64 * h * h * 8)],
-        "expert group: gate/up column loop (experts stacked)": weights + gate_up + [
+        "expert group: gate/up factorisation": block + gate_up + [("fp64 factorisation buffers", fp64 * h * h * 8)],
+        "expert group: gate/up column loop (experts stacked)": block + gate_up + [
             ("GPTAQ P fp32", gate_up_p), ("W, W₀ fp32, codes, block temporaries", _solver_bytes(g * 2 * i, h, beta))],
         "expert group: down_proj factorisation": weights + gate_up + down + [
             ("fp64 factorisation buffers", fp64 * i * i * 8)],
-        "expert group: down_proj column loop (experts stacked)": weights + gate_up + down + [
-            ("GPTAQ P fp32", g * i * i * 4 if gptaq else 0),
-            ("W, W₀ fp32, codes, block temporaries", _solver_bytes(g * h, i, beta))],
+        "expert group: down_proj column loop (one expert at a time)": weights + gate_up + down + [
+            ("GPTAQ P fp32", i * i * 4 if gptaq else 0),
+            ("W, W₀ fp32, codes, block temporaries", _solver_bytes(h, i, beta))],
     }
 
 

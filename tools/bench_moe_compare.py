@@ -1,12 +1,15 @@
 """leanfoem against GPTQModel on a small Qwen3-MoE checkpoint: same rows, same machine, same run; time and peak RSS.
 
     python tools/bench_moe_compare.py [--method foem] [--nsamples 16] [--seqlen 256] [--ref-python PY]
+        [--expert-calibration all,routed]
         [--workdir /tmp/leanfoem-moe-compare] [--write-docs]
 
 The checkpoint: Qwen3-MoE, 4 layers, hidden 512, 8 heads of 64 / 2 kv heads, 32 experts of 256, top-4, random bf16
 weights (N(0, 0.02); routers N(0, 0.5) so that the tokens spread) and the bundled demo tokenizer, built once. Both
 tools get the same token rows (leanfoem's `.txt` windowing of War and Peace, written as `input_ids` .jsonl), 4 bit,
-group 64, symmetric, damping 0.05, FOEM β = 0.2 (or GPTQ). GPTQModel runs in the reference venv (see
+group 64, symmetric, damping 0.05, FOEM β = 0.2 (or GPTQ). leanfoem runs once per `--expert-calibration` mode:
+"all" (its default: every expert's statistics from every token, top-k/E more expert compute than GPTQModel does)
+and "routed" (each expert's own tokens, the statistics GPTQModel computes). GPTQModel runs in the reference venv (see
 tools/bench_compare.py) through tools/peers.py, once at its own dtype choice and once in fp32 like leanfoem on this
 CPU; an untimed warm-up builds its C++ kernels first. Times and peaks through tools/rss_probe.py.
 """
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--ref-python", default="/work/venv-ref/bin/python")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/leanfoem-moe-compare"))
+    parser.add_argument("--expert-calibration", default="all,routed")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     work = args.workdir
@@ -78,19 +82,24 @@ def main() -> None:
     few.write_text("".join(rows.read_text().splitlines(keepends=True)[:2]))
     run_measured(peer(work / "warmup", "auto", few), work / "logs" / "warmup", peer_env, work)
     runs = {}
-    lean = [sys.executable, "-m", "leanfoem", "quantize", "--model", str(model), "--out", str(work / "leanfoem"),
-            "--calib", str(rows), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--bits", "4",
-            "--group-size", "64", "--method", args.method, "--damp", "0.05", "--device", "cpu", "--quiet",
-            "--restart", *beta]
-    runs["leanfoem"] = run_measured(lean, work / "logs" / "leanfoem", dict(base, PYTHONPATH=str(ROOT)), ROOT)
+    for mode in args.expert_calibration.split(","):
+        out = work / f"leanfoem-{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        lean = [sys.executable, "-m", "leanfoem", "quantize", "--model", str(model), "--out", str(out), "--calib",
+                str(rows), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--bits", "4",
+                "--group-size", "64", "--method", args.method, "--damp", "0.05", "--device", "cpu", "--quiet",
+                "--expert-calibration", mode, *beta]
+        runs[f"leanfoem ({mode})"] = run_measured(lean, work / "logs" / f"leanfoem-{mode}",
+                                                  dict(base, PYTHONPATH=str(ROOT)), ROOT)
     for dtype in ("auto", "float32"):
         runs[f"gptqmodel ({dtype})"] = run_measured(peer(work / f"gptqmodel-{dtype}", dtype),
                                                      work / "logs" / f"gptqmodel-{dtype}", peer_env, work)
-    lean_run = runs["leanfoem"]
+    lean_run = next(iter(runs.values()))
     lines = [f"Command: `python tools/bench_moe_compare.py --method {args.method} --nsamples {args.nsamples} "
              f"--seqlen {args.seqlen}` ({machine_line()}). Qwen3-MoE, 4 layers, hidden 512, 32 experts of 256, "
              f"top-4, random weights; {args.nsamples} × {args.seqlen} rows, 4 bit, group 64, {args.method}.", "",
-             "| tool | time | peak RSS | leanfoem's time / its | leanfoem's peak / its |", "|---|---|---|---|---|"]
+             f"| tool | time | peak RSS | {next(iter(runs))}: time / this row's | {next(iter(runs))}: peak / this row's |",
+             "|---|---|---|---|---|"]
     for name, r in runs.items():
         lines.append(f"| {name} | {r['seconds']:.1f} s | {r['peak_rss_bytes'] / 2**30:.2f} GiB | "
                      f"{lean_run['seconds'] / r['seconds']:.2f} | "
