@@ -157,10 +157,11 @@ def test_routed_calibration_falls_back_to_all_tokens_for_an_expert_no_token_reac
     assert summary["least_routed"].startswith("5 (0)") and summary["all_token_fallbacks"] == 1
 
 
-def test_killed_moe_runs_resume_to_bit_identical_output(tmp_path, tokenizer_dir, calib_file):
-    """DeepSeek-V3 shaped (a dense first block, then an MoE block in groups of 3): SIGKILL at random moments, the
-    same command each time, and the output is the uninterrupted run's, bit for bit."""
-    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family="deepseek_v3", layers=3)
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_killed_moe_runs_resume_to_bit_identical_output(tmp_path, tokenizer_dir, calib_file, family):
+    """Every MoE family (DeepSeek-V3 and GLM-4.5 with a dense first block), experts in groups of 3: SIGKILL at
+    random moments, the same command each time, and the output is the uninterrupted run's, bit for bit."""
+    source = build_checkpoint(tmp_path / "src", tokenizer_dir, family=family, layers=3)
 
     def command(out):
         return [sys.executable, "-m", "leanfoem", "quantize", "--model", str(source), "--out", str(out), "--calib",
@@ -174,7 +175,7 @@ def test_killed_moe_runs_resume_to_bit_identical_output(tmp_path, tokenizer_dir,
     t0 = events[0]["time"] - 3.0  # start-up before the first record
     timeline = [(e["event"], e["time"] - t0) for e in events if e["event"] in ("start", "block", "done")]
     out = tmp_path / "killed"
-    landed = run_with_kills(command(out), out, reference, kill_moments(timeline, 3, seed=1))
+    landed = run_with_kills(command(out), out, reference, kill_moments(timeline, 3, seed=len(family)))
     assert landed, "no kill landed before the run finished"
     assert_identical(reference, out)
 
