@@ -59,14 +59,14 @@ def run_name(model, bits, group, damp, beta, draw) -> str:
     return f"{model}-w{bits}g{group}-damp{damp:g}-beta{beta:g}-draw{draw}"
 
 
-def run_one(work: Path, model, bits, group, damp, beta, draw) -> dict:
-    m, out = MODELS[model], work / f"ckpt-{run_name(model, bits, group, damp, beta, draw)}"  # runs may go in parallel
+def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str]) -> dict:
+    """`leanfoem quantize` of `model` with calibration draw `draw` and `settings`, then `leanfoem eval --reference`
+    of the output against the model; the checkpoint is removed afterwards. Also used by tools/bench_dtype.py."""
+    m = MODELS[model]
     shutil.rmtree(out, ignore_errors=True)
-    method = ["--method", "gptq"] if beta == 0 else ["--method", "foem", "--beta", f"{beta:g}"]
     quantize = [sys.executable, "-m", "leanfoem", "quantize", "--model", model_dir(model), "--out", str(out),
                 "--calib", str(m["calib"]), "--nsamples", str(m["nsamples"]), "--seqlen", str(m["seqlen"]),
-                "--seed", str(draw), "--bits", str(bits), "--group-size", str(group), "--damp", f"{damp:g}",
-                "--device", "cpu", "--quiet", *method]
+                "--seed", str(draw), *settings, "--device", "cpu", "--quiet"]
     started = time.time()
     subprocess.run(quantize, check=True, cwd=ROOT)
     seconds = time.time() - started
@@ -75,9 +75,16 @@ def run_one(work: Path, model, bits, group, damp, beta, draw) -> dict:
                 "--device", "cpu", "--json"]
     done = subprocess.run(evaluate, check=True, cwd=ROOT, capture_output=True, text=True)
     shutil.rmtree(out, ignore_errors=True)
-    return {"model": model, "bits": bits, "group": group, "damp": damp, "beta": beta, "draw": draw,
-            "quantize_seconds": round(seconds, 1), "loadavg": os.getloadavg()[0],
+    return {"quantize_seconds": round(seconds, 1), "loadavg": os.getloadavg()[0],
             "eval": json.loads(done.stdout.strip().splitlines()[-1]), "quantize_cmd": quantize, "eval_cmd": evaluate}
+
+
+def run_one(work: Path, model, bits, group, damp, beta, draw) -> dict:
+    out = work / f"ckpt-{run_name(model, bits, group, damp, beta, draw)}"  # runs may go in parallel
+    method = ["--method", "gptq"] if beta == 0 else ["--method", "foem", "--beta", f"{beta:g}"]
+    settings = ["--bits", str(bits), "--group-size", str(group), "--damp", f"{damp:g}", *method]
+    return {"model": model, "bits": bits, "group": group, "damp": damp, "beta": beta, "draw": draw,
+            **quantize_and_compare(model, out, draw, settings)}
 
 
 def run(args) -> None:

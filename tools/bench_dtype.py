@@ -18,17 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_defaults import MODELS, model_dir  # noqa: E402
+from bench_defaults import quantize_and_compare  # noqa: E402
 from benchdoc import machine_line  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -36,22 +32,9 @@ FIGURES = (("perplexity", "perplexity", 3), ("kld_mean", "KLD mean", 7), ("top1_
 
 
 def run_one(work: Path, model: str, dtype: str, draw: int) -> dict:
-    m, out = MODELS[model], work / f"ckpt-{model}-{dtype}-draw{draw}"
-    shutil.rmtree(out, ignore_errors=True)
-    quantize = [sys.executable, "-m", "leanfoem", "quantize", "--model", model_dir(model), "--out", str(out),
-                "--calib", str(m["calib"]), "--nsamples", str(m["nsamples"]), "--seqlen", str(m["seqlen"]),
-                "--seed", str(draw), "--dtype", dtype, "--device", "cpu", "--quiet"]
-    started = time.time()
-    subprocess.run(quantize, check=True, cwd=ROOT)
-    seconds = time.time() - started
-    evaluate = [sys.executable, "-m", "leanfoem", "eval", "--model", str(out), "--reference", model_dir(model),
-                "--text", str(m["text"]), "--seqlen", str(m["eval_seqlen"]), "--windows", str(m["windows"]),
-                "--device", "cpu", "--json"]
-    done = subprocess.run(evaluate, check=True, cwd=ROOT, capture_output=True, text=True)
-    shutil.rmtree(out, ignore_errors=True)
-    return {"model": model, "dtype": dtype, "draw": draw, "quantize_seconds": round(seconds, 1),
-            "loadavg": os.getloadavg()[0], "eval": json.loads(done.stdout.strip().splitlines()[-1]),
-            "quantize_cmd": quantize, "eval_cmd": evaluate}
+    out = work / f"ckpt-{model}-{dtype}-draw{draw}"
+    return {"model": model, "dtype": dtype, "draw": draw,
+            **quantize_and_compare(model, out, draw, ["--dtype", dtype])}
 
 
 def run(work: Path, models: list[str], draws: list[int]) -> None:

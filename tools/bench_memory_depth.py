@@ -33,9 +33,15 @@ def build_llama(out: Path, tokenizer_dir: Path, *, layers: int, hidden: int = 20
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=2048, tie_word_embeddings=True)
+    return save_random_checkpoint(LlamaForCausalLM, config, tokenizer, out, max_shard_size)
+
+
+def save_random_checkpoint(model_cls, config, tokenizer, out: Path, max_shard_size: str) -> Path:
+    """`model_cls(config)` with random bf16 weights (N(0, 0.02), seed 0), built on meta and materialised once, saved
+    sharded with the tokenizer. Also used by tools/bench_moe_block.py."""
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     for p in model.parameters():
         p.data.normal_(0, 0.02)

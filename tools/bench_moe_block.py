@@ -19,11 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+from bench_memory_depth import save_random_checkpoint  # noqa: E402
 from benchdoc import machine_line, replace_section  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
@@ -37,15 +37,7 @@ def build_qwen3_moe(out: Path, tokenizer_dir: Path, layers: int) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen3MoeConfig(vocab_size=len(tokenizer), num_hidden_layers=layers, max_position_embeddings=4096,
                             tie_word_embeddings=True, **SHAPE)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    model.save_pretrained(out, max_shard_size="500MB")
-    tokenizer.save_pretrained(out)
-    return out
+    return save_random_checkpoint(Qwen3MoeForCausalLM, config, tokenizer, out, "500MB")
 
 
 def run(cmd: list[str]) -> dict:
