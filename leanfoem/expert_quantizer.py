@@ -100,9 +100,7 @@ class ExpertQuantizer:
         self.group = min(group or self.count, self.count)
         self.mode = mode
         self.hidden = run.config.hidden_size
-        self.offsets = [0]
-        for n in run.lengths:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = run.row_starts
         self.seconds = defaultdict(float)  # per stage, for the log: where an MoE block's time goes
 
     @contextlib.contextmanager

@@ -149,6 +149,9 @@ class QuantizeRun:
                                      seqlen=self.seqlen, seed=options.seed)
         check_token_ids(self.rows, self.config.vocab_size)
         self.lengths = [r.numel() for r in self.rows]
+        self.row_starts = [0]  # token offset of each calibration row (the last: all tokens), for the routed sums
+        for n in self.lengths:
+            self.row_starts.append(self.row_starts[-1] + n)
         del tokenizer
         release_freed_memory()  # tokenizing a long text leaves ~100 MB of freed encodings in the allocator
         self.alpha, self.beta = method_terms(options.method, options.alpha, options.beta, hessian=True, cross=True)
@@ -476,16 +479,13 @@ class QuantizeRun:
         The last branch's are the inputs of the next block, a durable file the journal names once the block's commit
         made it so (`stream.finished`, read meanwhile under its tmp name); the others live only inside this block."""
         writer = self.work_writer(name, self.config.hidden_size, durable)
-        starts = [0]
-        for n in self.lengths:
-            starts.append(starts[-1] + n)
         try:
             kept = self.batches(stream.kept) if stream.kept is not None else None
             for i, batch in self.batches(stream.hidden):
                 if kept is not None:
                     after = runner.output_from_kept(stream.block, stream.index, branch, batch, next(kept)[1])
                 else:
-                    routed = {path: _answer_with(routed_sum, starts[i]) for path, routed_sum in sums.items()}
+                    routed = {path: _answer_with(routed_sum, self.row_starts[i]) for path, routed_sum in sums.items()}
                     after = runner.branch_output(stream.block, stream.index, branch, batch, routed)
                 for row in after:
                     writer.write(row)
