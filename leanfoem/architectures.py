@@ -73,12 +73,18 @@ def has_routed_experts(config) -> bool:
     return any(getattr(config, field, None) for field in _EXPERT_FIELDS)
 
 
-def check_terms_supported(config, alpha: float) -> None:
-    """The GPTAQ term needs each layer's inputs in the unquantized model too; for routed experts that stream is not
-    built yet. Refused up front (quantize and plan alike), before any weight is read."""
-    if alpha > 0 and has_routed_experts(config):
+def check_terms_supported(config, alpha: float, beta_auto: bool = False) -> None:
+    """The GPTAQ term needs each layer's inputs in the unquantized model too, and `--beta auto` held-out statistics
+    of every layer; for routed experts neither is built yet. Refused up front (quantize and plan alike), before any
+    weight is read."""
+    if not has_routed_experts(config):
+        return
+    if alpha > 0:
         raise UnsupportedArchitecture("--alpha (the GPTAQ term) is not supported for mixture-of-experts models "
                                       "yet; use --method foem or gptq")
+    if beta_auto:
+        raise UnsupportedArchitecture("--beta auto is not supported for mixture-of-experts models yet; give a "
+                                      "number (default 0.2)")
 
 
 def _config_from_dict(fields: dict):

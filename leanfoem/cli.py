@@ -50,6 +50,11 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _beta(text: str) -> float | str:
+    """A number >= 0, or "auto" (chosen per layer from a grid by held-out error, beta_choice.py)."""
+    return text if text == "auto" else _non_negative(text)
+
+
 def add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint into a GPTQ checkpoint, one block at a time",
                        description="Quantize a Hugging Face causal LM (safetensors) into a standard GPTQ "
@@ -64,7 +69,9 @@ def add_quantize_parser(sub) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid")
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing diag(H)")
     p.add_argument("--alpha", type=_non_negative, default=0.0, help="GPTAQ term weight (0 = off)")
-    p.add_argument("--beta", type=_non_negative, default=0.2, help="FOEM first-order term weight")
+    p.add_argument("--beta", type=_beta, default=0.2,
+                   help="FOEM first-order term weight, or auto: chosen per layer from {0, 0.05, 0.1, 0.2, 0.3} by the "
+                        "output error on held-out calibration rows (1 in 8)")
     p.add_argument("--damp", type=_fraction, default=0.01, help="damping, fraction of mean(diag H)")
     p.add_argument("--calib", default=None, metavar="SOURCE",
                    help="a .txt or .jsonl file, or c4 / wikitext2 (online); default: the bundled text")
@@ -150,7 +157,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
     p.add_argument("--group-size", type=_group_size, default=128)
     p.add_argument("--alpha", type=_non_negative, default=0.0)
-    p.add_argument("--beta", type=_non_negative, default=0.2)
+    p.add_argument("--beta", type=_beta, default=0.2, help="a number, or auto")
     p.add_argument("--nsamples", type=_positive_int, default=128)
     p.add_argument("--seqlen", type=_positive_int, default=2048)
     p.add_argument("--batch-tokens", type=_positive_int, default=None,
@@ -170,6 +177,7 @@ def run_plan(args) -> int:
     import json
     import os
     from .architectures import architecture_for, check_terms_supported
+    from .beta_choice import check_applies as check_beta_auto
     from .planner import budgets_for, format_plan, load_config, plan
     from .source_formats import without_stored_quantization
     kind, gpu, host = budgets_for(args.device, args.gpu_memory, args.host_memory)
@@ -177,7 +185,9 @@ def run_plan(args) -> int:
     stored = load_config(args.model)  # an FP8 source's quantization_config stays in what is planned: it reads fp8
     config = without_stored_quantization(stored)  # refused as `quantize` refuses it
     architecture_for(config)  # a plan for a model that `quantize` refuses would be a promise it breaks
-    check_terms_supported(config, 0.0 if args.method in ("gptq", "rtn") else args.alpha)
+    check_terms_supported(config, 0.0 if args.method in ("gptq", "rtn") else args.alpha, args.beta == "auto")
+    if args.beta == "auto":
+        check_beta_auto(args.method, args.nsamples)
     dtype = None if kind == "cuda" and args.dtype == "auto" else _resolved_dtype(args.dtype)
     result = plan(stored, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from . import __version__
+from . import __version__, beta_choice
 from .activations import ActivationReader, ActivationWriter, file_sha256
 from .architectures import architecture_for, check_terms_supported
 from .background_io import Worker
@@ -83,7 +83,7 @@ class QuantizeOptions:
     sym: bool = True
     desc_act: bool = False
     alpha: float = 0.0
-    beta: float = 0.2
+    beta: float | str = 0.2           # or "auto": chosen per layer (beta_choice.py)
     damp: float = 0.01
     calib: str | None = None          # None: the calibration text bundled with leanfoem
     nsamples: int = 128
@@ -154,12 +154,18 @@ class QuantizeRun:
             self.row_starts.append(self.row_starts[-1] + n)
         del tokenizer
         release_freed_memory()  # tokenizing a long text leaves ~100 MB of freed encodings in the allocator
-        self.alpha, self.beta = method_terms(options.method, options.alpha, options.beta, hessian=True, cross=True)
+        self.beta_auto = options.beta == beta_choice.AUTO
+        if self.beta_auto:
+            beta_choice.check_applies(options.method, len(self.rows))
+        self.alpha, self.beta = method_terms(options.method, options.alpha, 0.0 if self.beta_auto else options.beta,
+                                             hessian=True, cross=True)
         self.gptaq = self.alpha > 0
+        # --beta auto: rows from here on are held out of the candidates' Hessian (beta_choice.py)
+        self.held_out_from = len(self.rows) - beta_choice.held_out_rows(len(self.rows)) if self.beta_auto else None
         if options.expert_calibration not in CALIBRATION_MODES:
             raise ValueError(f"--expert-calibration {options.expert_calibration!r}: choose one of "
                              f"{', '.join(CALIBRATION_MODES)}")
-        check_terms_supported(self.config, self.alpha)
+        check_terms_supported(self.config, self.alpha, self.beta_auto)
         self.plan = self._plan()
         check_fits(self.plan)  # refuse up front, with the numbers, rather than run out of memory at block 40
         self.batch_tokens = self.plan.batch_tokens
@@ -177,7 +183,8 @@ class QuantizeRun:
         stored = load_config(str(self.model_dir))  # with an FP8 source's quantization_config: the planner counts fp8
         return plan(stored, device=kind, gpu_memory=gpu, host_memory=host, nsamples=len(self.rows),
                     seqlen=self.seqlen, bits=o.bits, group_size=o.group_size, method=o.method, alpha=self.alpha,
-                    beta=self.beta, batch_tokens=o.batch_tokens, compute_dtype=self.dtype_choice.name,
+                    beta=o.beta if self.beta_auto else self.beta, batch_tokens=o.batch_tokens,
+                    compute_dtype=self.dtype_choice.name,
                     calib_bytes=calib.stat().st_size if calib.is_file() else None,
                     expert_calibration=o.expert_calibration, expert_group=o.expert_group)
 
@@ -188,10 +195,15 @@ class QuantizeRun:
             "model": {"shards": shards, "config_sha256": file_sha256(self.model_dir / "config.json")},
             "calibration": {"rows": len(self.rows), "tokens": sum(self.lengths), "sha256": rows_digest(self.rows)},
             "settings": dict(self.options.settings(), seqlen=self.seqlen, batch_tokens=self.batch_tokens,
-                             expert_group=self.expert_group),
+                             expert_group=self.expert_group, **self._beta_choice_settings()),
             "versions": {"leanfoem": __version__, "torch": torch.__version__.split("+")[0]},
             "compute": {"device": self.device.type, "dtype": self.dtype_choice.name},
         }
+
+    def _beta_choice_settings(self) -> dict:
+        if not self.beta_auto:
+            return {}
+        return {"beta_grid": list(beta_choice.GRID), "held_out_rows": len(self.rows) - self.held_out_from}
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -367,20 +379,25 @@ class QuantizeRun:
             (self.work / name).unlink(missing_ok=True)
         self.emit(dict(entry, event="block"))
 
-    def _prepare_group(self, runner, streams, branch, group, hand_back: bool) -> PreparedHessian:
-        """The sub-group's Hessian pass and fp64 factorisation; with `hand_back`, freed memory is handed back before
-        each (the fp64 buffer is a fresh mapping that the heap's free chunks cannot serve)."""
+    def _prepare_group(self, runner, streams, branch, group, hand_back: bool):
+        """The sub-group's Hessian pass and fp64 factorisation (with --beta auto: `beta_choice.HeldOutHessians`);
+        with `hand_back`, freed memory is handed back before each (the fp64 buffer is a fresh mapping that the
+        heap's free chunks cannot serve)."""
         block = streams[0].block
         if hand_back:
             release_freed_memory()
         keep = group == (branch.output,) and self._keeps_output_input(block, branch)
-        hessian, cross = self._hessian(runner, streams, branch, group[0], keep)
+        accumulators = self._hessian(runner, streams, branch, group[0], keep)
         for stream in streams if keep else ():  # the body does not run again (`_advance` uses the kept inputs)
             runner.release(stream.block, [name for name in branch.linears if name != branch.output])
         if hand_back:
             release_freed_memory()
-        return prepare_hessian(hessian, damp=self.options.damp, desc_act=self.options.desc_act, alpha=self.alpha,
-                               cross=cross, overwrite=True)
+        o = self.options
+        if self.beta_auto:
+            return beta_choice.split_statistics(*accumulators, damp=o.damp, desc_act=o.desc_act, alpha=self.alpha)
+        hessian, cross = accumulators[0].scaled()
+        return prepare_hessian(hessian, damp=o.damp, desc_act=o.desc_act, alpha=self.alpha, cross=cross,
+                               overwrite=True)
 
     def _keeps_output_input(self, block, branch) -> bool:
         """Whether the pass over the branch's output linear keeps its inputs in a work file, so the branch output
@@ -416,17 +433,23 @@ class QuantizeRun:
             yield i, store.rows(i, j).to(device=self.device, dtype=self.dtype).view(j - i, self.lengths[i], -1)
             i = j
 
-    def _hessian(self, runner, streams, branch, module_name, keep: bool):
-        """H (and the GPTAQ cross term) of the module's inputs over all calibration rows; with `keep`, the inputs of
-        each stream are also written to a work file (`_Stream.kept`) for `_advance`."""
+    def _hessian(self, runner, streams, branch, module_name, keep: bool) -> list[HessianAccumulator]:
+        """H (and the GPTAQ cross term) of the module's inputs over all calibration rows, as an accumulator; with
+        --beta auto two, the rows kept for fitting and the held-out rows (`held_out_from` on). With `keep`, the inputs
+        of each stream are also written to a work file (`_Stream.kept`) for `_advance`."""
         width = streams[0].block.get_submodule(module_name).in_features
-        acc = HessianAccumulator(width, self.device, track_cross=self.gptaq)
+        accumulators = [HessianAccumulator(width, self.device, track_cross=self.gptaq)
+                        for _ in range(2 if self.beta_auto else 1)]
         writers = [self.work_writer(f"{s.kind}-kept.npy", width, durable=False) for s in streams] if keep else []
         try:
             for batches in zip(*(self.batches(s.hidden) for s in streams)):
                 xs = [runner.input_of(s.block, s.index, branch, module_name, batch)
                       for s, (_, batch) in zip(streams, batches)]
-                acc.add_batch(xs[0], xs[1] if self.gptaq else None)
+                first = batches[0][0]
+                split = len(xs[0]) if self.held_out_from is None else max(0, self.held_out_from - first)
+                for acc, rows in zip(accumulators, (slice(None, split), slice(split, None))):
+                    if len(xs[0][rows]):
+                        acc.add_batch(xs[0][rows], xs[1][rows] if self.gptaq else None)
                 for writer, x in zip(writers, xs):
                     for row in x:
                         writer.write(row)
@@ -437,7 +460,7 @@ class QuantizeRun:
             for writer in writers:
                 writer.abandon()
             raise
-        return acc.scaled()
+        return accumulators
 
     def _quantize_group(self, block, prefix, layout, group, prepared, losses) -> dict:
         """The linears of one sub-group share one input, hence one U: their weights are stacked along the output
@@ -451,15 +474,21 @@ class QuantizeRun:
         weight = torch.cat([linear.weight.detach().T for linear in linears], dim=1).T
         for linear in linears:  # the stacked copy is all the solve reads; each layer gets its dequantized weights
             linear.weight.data = linear.weight.data.new_empty(0)
+        sizes = [linear.out_features for linear in linears]
+        choices = [{}] * len(group)
         if prepared is None:
-            res = quantize_weight(weight, None, bits=o.bits, group_size=o.group_size, sym=o.sym, method="rtn")
+            parts = quantize_weight(weight, None, bits=o.bits, group_size=o.group_size, sym=o.sym,
+                                    method="rtn").split(sizes)
+        elif isinstance(prepared, beta_choice.HeldOutHessians):
+            parts, choices = beta_choice.solve(weight, sizes, prepared, bits=o.bits, group_size=o.group_size,
+                                               sym=o.sym, damp=o.damp, desc_act=o.desc_act, alpha=self.alpha)
         else:
-            res = quantize_prepared(weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                                    method=o.method, beta=self.beta, overwrite=True)
+            parts = quantize_prepared(weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
+                                      method=o.method, beta=self.beta, overwrite=True).split(sizes)
         del weight
         seconds = round(time.time() - started, 3)
         tensors = {}
-        for name, linear, part in zip(group, linears, res.split([linear.out_features for linear in linears])):
+        for name, linear, part, choice in zip(group, linears, parts, choices):
             linear.weight.data = part.dequantized.to(device=linear.weight.device, dtype=linear.weight.dtype)
             losses.append(part.loss)
             stored = prefix + layout.stored_module(name)
@@ -468,6 +497,7 @@ class QuantizeRun:
                 tensors[stored + ".bias"] = linear.bias.detach().to("cpu", torch.float16)
             self.emit({"event": "module", "module": prefix + name, "loss": part.loss, "damp": part.damp,
                         "condition": part.stats.get("condition"), "seconds": seconds, "solved_with": list(group),
+                        **choice,
                         "rss_gib": psutil.Process().memory_info().rss / 2**30,
                         "device_peak_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
                                             if self.device.type == "cuda" else None)})

@@ -406,7 +406,7 @@ def format_size(n: int | None) -> str:
 
 def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, host_memory: int | str | None = None,
          nsamples: int = 128, seqlen: int = 2048, bits: int = 4, group_size: int = 128, method: str = "foem",
-         alpha: float = 0.0, beta: float = 0.2, batch_tokens: int | None = None, calib_bytes: int | None = None,
+         alpha: float = 0.0, beta: float | str = 0.2, batch_tokens: int | None = None, calib_bytes: int | None = None,
          checkpoint_format: str = "gptq", expert_calibration: str = "all", expert_group: int | None = None,
          compute_dtype: str | None = None) -> Plan:
     """The budget of `leanfoem quantize` for this config and these settings.
@@ -419,6 +419,7 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
     or "routed" (from the tokens routed to it); `expert_group=None` lets the planner choose how many experts are
     loaded and solved together (`_expert_group`), a given value is kept and checked.
     `compute_dtype`: the forward dtype ("float32", "bfloat16", ...; None: fp32 on the CPU, half on CUDA).
+    `beta="auto"` counts `--beta auto`'s held-out statistics.
     """
     del checkpoint_format  # same sizes in both formats
     if expert_calibration not in ("all", "routed"):
@@ -530,7 +531,7 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
         peak = max(phases, key=lambda name: dev_totals[name])
         label = f" ({b.kind} blocks)" if moe else ""
         host_phases.update(_host_block_phases(s, b, kind, c, bt, seqlen, tokens, bits, group_size, group,
-                                              calibration, gptaq, phases[peak], label))
+                                              calibration, gptaq, phases[peak], label, beta == "auto"))
     host_phases["writing the tensors outside the blocks"] = [("embedding / lm_head / norm + serialised copy",
                                                               2 * outside)]
     for phase, parts in host_phases.items():  # the tokenizer's memory is not handed back (measured: ~all of it)
@@ -612,21 +613,28 @@ def _block_phases(s: Shapes, b: Block, kind, c, bt, rows, seqlen, gptaq, beta) -
     chunk = min(HESSIAN_CHUNK_TOKENS, bt) * n_max * 4 if c != 4 else 0
     hess = n_max * n_max * 4
     cross = hess if gptaq else 0
+    # --beta auto (beta_choice.py): the held-out rows' H (and cross term) beside the fit rows', then all rows' too
+    held = (hess + cross) if beta == "auto" else 0
     phases = {"hessian pass": weights + [
         ("H fp32 (widest sub-group)", hess), ("GPTAQ cross term fp32", cross),
+        ("held-out rows' H fp32 (--beta auto)", held),
         ("forward batch (activations, MLP intermediates, sdpa)", forward * (2 if gptaq else 1)),
         ("batch inputs", batch_in * (2 if gptaq else 1)),
         ("fp32 chunk of inputs", chunk * (3 if gptaq else 1))]}
     fp64 = n_max * n_max * 8
     phases[f"factorisation ({widest})"] = weights + [
         ("H fp32", hess), ("GPTAQ cross term fp32", cross),
+        ("held-out rows' H, all rows' H fp32 (--beta auto; in host memory on a GPU)", 2 * held if kind == "cpu" else 0),
         ("fp64 factorisation buffers", fp64 if kind == "cpu" else 2 * fp64)]
     if gptaq:
         phases["GPTAQ P = α·triu(C·Uᵀ)·U"] = weights + [("U, C, copy of C, two products (fp32)", 5 * hess)]
     u = n_solve * n_solve * 4
     phases["column loop (widest layer)"] = weights + [
         ("U fp32", u), ("GPTAQ P fp32", u if gptaq else 0),
-        ("W, W₀ fp32, codes, block temporaries", _solver_bytes(r_max, n_solve, beta))]
+        ("W, W₀ fp32, codes, block temporaries", _solver_bytes(r_max, n_solve, beta)),
+        ("held-out rows' H, all rows' H (on the CPU), a candidate's weights fp32 (--beta auto)",
+         (2 if kind == "cpu" else 1) * n_solve * n_solve * 4 * (2 if gptaq else 1) + r_max * n_solve * 4
+         if beta == "auto" else 0)]
     phases["propagation"] = weights + [("forward batch", forward), ("batch inputs and outputs", 2 * batch_in)]
     return phases
 
@@ -682,9 +690,10 @@ def _expert_phases(s: Shapes, b: Block, kind, c, bt, group, calibration, gptaq, 
 
 
 def _host_block_phases(s: Shapes, b: Block, kind, c, bt, seqlen, tokens, bits, group_size, group, calibration,
-                       gptaq, device_peak_parts, label) -> dict[str, list[tuple[str, int]]]:
+                       gptaq, device_peak_parts, label, beta_auto) -> dict[str, list[tuple[str, int]]]:
     """Host phases of one kind of block: reading it, its work (on the CPU: the device's peak phase), and for an
-    MoE block reading an expert group (its tensors as stored, an FP8 tensor dequantized one at a time)."""
+    MoE block reading an expert group (its tensors as stored, an FP8 tensor dequantized one at a time). With a GPU,
+    `--beta auto` parks the widest held-out and all-rows Hessians in host memory during the factorisation."""
     h = s.hidden
     packed = _packed_bytes(b.linears, bits, group_size)
     if b.routed:
@@ -704,7 +713,9 @@ def _host_block_phases(s: Shapes, b: Block, kind, c, bt, seqlen, tokens, bits, g
     else:
         work = common + [("a batch read from the store (rows + stacked copy)", 2 * bt * h * c),
                          ("one output row copied back", seqlen * h * c)] + (
-                        [("routed outputs read back and summed (fp32)", 2 * bt * h * 4)] if b.routed else [])
+                        [("routed outputs read back and summed (fp32)", 2 * bt * h * 4)] if b.routed else []) + (
+                        [("held-out rows' H, all rows' H fp32, parked (--beta auto)",
+                          2 * (2 if gptaq else 1) * max(n for _, n in b.subgroups) ** 2 * 4)] if beta_auto else [])
     phases = {"reading a block" + label: reading, "block work" + label: work}
     if b.routed:
         source = group * s.stored_linear_bytes(s.expert_params)
