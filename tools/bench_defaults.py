@@ -56,7 +56,22 @@ def model_dir(key: str) -> str:
 
 
 def run_name(model, bits, group, damp, beta, draw) -> str:
-    return f"{model}-w{bits}g{group}-damp{damp:g}-beta{beta:g}-draw{draw}"
+    return f"{model}-w{bits}g{group}-damp{damp:g}-beta{shown_beta(beta)}-draw{draw}"
+
+
+def parse_beta(text: str) -> float | str:
+    """A number, or "auto" (`--beta auto`: chosen per layer)."""
+    return text if text == "auto" else float(text)
+
+
+def shown_beta(beta: float | str) -> str:
+    return beta if isinstance(beta, str) else f"{beta:g}"
+
+
+def setting_order(setting: tuple) -> tuple:
+    """(damp, β) in table order: numeric β ascending, then auto."""
+    damp, beta = setting
+    return damp, isinstance(beta, str), 0.0 if isinstance(beta, str) else beta
 
 
 def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str]) -> dict:
@@ -81,7 +96,7 @@ def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str]) 
 
 def run_one(work: Path, model, bits, group, damp, beta, draw) -> dict:
     out = work / f"ckpt-{run_name(model, bits, group, damp, beta, draw)}"  # runs may go in parallel
-    method = ["--method", "gptq"] if beta == 0 else ["--method", "foem", "--beta", f"{beta:g}"]
+    method = ["--method", "gptq"] if beta == 0 else ["--method", "foem", "--beta", shown_beta(beta)]
     settings = ["--bits", str(bits), "--group-size", str(group), "--damp", f"{damp:g}", *method]
     return {"model": model, "bits": bits, "group": group, "damp": damp, "beta": beta, "draw": draw,
             **quantize_and_compare(model, out, draw, settings)}
@@ -118,7 +133,7 @@ def table(results: list[dict]) -> str:
     out = []
     for key in sorted({(r["model"], r["bits"], r["group"]) for r in results}):
         rows = [r for r in results if (r["model"], r["bits"], r["group"]) == key]
-        settings = sorted({(r["damp"], r["beta"]) for r in rows})
+        settings = sorted({(r["damp"], r["beta"]) for r in rows}, key=setting_order)
         by = {(r["damp"], r["beta"], r["draw"]): r["eval"] for r in rows}
         common = sorted(set.intersection(*({d for (dp, b, d) in by if (dp, b) == s} for s in settings)))
         if not common:
@@ -142,7 +157,7 @@ def table(results: list[dict]) -> str:
             secs = statistics.fmean(r["quantize_seconds"] for r in rows if (r["damp"], r["beta"]) == s
                                     and r["draw"] in common)
             mark = "**" if s == best else ""
-            out.append(f"| {mark}{s[0]:g}{mark} | {mark}{s[1]:g}{mark} | {kld:.5f} ± {kse:.5f} | {p99:.4f} | "
+            out.append(f"| {mark}{s[0]:g}{mark} | {mark}{shown_beta(s[1])}{mark} | {kld:.5f} ± {kse:.5f} | {p99:.4f} | "
                        f"{top:.2%} ± {tse:.2%} | {ppl:.3f} ± {pse:.3f} | "
                        f"{math.expm1(gap):+.1%} ± {gse:.1%} | {math.expm1(pgap):+.2%} ± {pgse:.2%} | {secs:.0f} |")
         out.append("")
@@ -155,7 +170,8 @@ def render(results: list[dict], workdir: Path) -> str:
     models = sorted({r["model"] for r in results})
     lines = [f"Command: `.venv/bin/python tools/bench_defaults.py run --workdir {workdir} ...` then `... table "
              f"--write-docs` ({machine_line()}; load average after the runs {min(loads):.1f}–{max(loads):.1f}: other "
-             "jobs shared the cores, so the seconds are not clean). β = 0 is `--method gptq`. Per model:"]
+             "jobs shared the cores, so the seconds are not clean). β = 0 is `--method gptq`; β auto is `--beta auto`, "
+             "chosen per layer by held-out error. Per model:"]
     for key in models:
         m, example = MODELS[key], next(r for r in results if r["model"] == key)
         lines.append(f"- {key}: calibration {m['nsamples']} × {m['seqlen']} rows of `{Path(m['calib']).name}`, draw N ="
@@ -184,10 +200,12 @@ def main() -> int:
     r.add_argument("--bits", type=split(int), default=[4, 3])
     r.add_argument("--groups", type=split(int), default=[64, 128])
     r.add_argument("--damps", type=split(float), default=[0.01, 0.05])
-    r.add_argument("--betas", type=split(float), default=[0.0, 0.2])
+    r.add_argument("--betas", type=split(parse_beta), default=[0.0, 0.2], help="numbers, or auto")
     r.add_argument("--draws", type=split(int), default=[0, 1, 2])
-    r.add_argument("--settings", type=lambda text: [tuple(map(float, x.split(":"))) for x in text.split(",")],
-                   default=None, help="damp:beta pairs instead of the --damps x --betas product, e.g. 0.01:0.2,0.05:0.2")
+    r.add_argument("--settings", type=lambda text: [(float(x.split(":")[0]), parse_beta(x.split(":")[1]))
+                                                     for x in text.split(",")],
+                   default=None, help="damp:beta pairs instead of the --damps x --betas product, e.g. "
+                                      "0.01:0.2,0.05:0.2,0.01:auto")
     t = sub.add_parser("table")
     t.add_argument("--write-docs", action="store_true")
     for p in (r, t):
