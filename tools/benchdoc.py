@@ -19,7 +19,10 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, torch {torch.__version__}"
+    from leanfoem.dtype_choice import NATIVE_BF16_FLAGS, cpu_flags
+    native = sorted(cpu_flags() & NATIVE_BF16_FLAGS)
+    bf16 = f"native bf16: {', '.join(native)}" if native else "no native bf16 (torch emulates it)"
+    return f"{os.cpu_count()} cores, {cpu}, {bf16}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def replace_section(doc: Path, title: str, body: str) -> None:
