@@ -208,6 +208,7 @@ def main() -> int:
                                       "0.01:0.2,0.05:0.2,0.01:auto")
     t = sub.add_parser("table")
     t.add_argument("--write-docs", action="store_true")
+    t.add_argument("--section", default=SECTION, help="the docs/BENCHMARKS.md section to write")
     for p in (r, t):
         p.add_argument("--workdir", type=Path, default=Path("/tmp/leanfoem-defaults"))
     args = parser.parse_args()
@@ -218,7 +219,7 @@ def main() -> int:
     body = render(results, args.workdir)
     print(body)
     if args.write_docs:
-        replace_section(DOC, SECTION, body)
+        replace_section(DOC, args.section, body)
     return 0
 
 
