@@ -101,10 +101,12 @@ def _add_dtype_argument(p) -> None:
 
 
 def run_quantize(args) -> int:
+    from .distributed import launched
     from .pipeline import QuantizeOptions, quantize
     fields = QuantizeOptions.__dataclass_fields__
     options = QuantizeOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    out = quantize(options)
+    with launched(options.device) as ranks:  # under torchrun: this process's rank of the job; else one process
+        out = quantize(options, ranks)
     if not options.quiet:
         print(f"done: {out}")
     return 0
@@ -256,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    from .distributed import RankLost
     try:
         return args.handler(args)
+    except RankLost as exc:
+        print(f"leanfoem: {exc}; run the same command again to resume", file=sys.stderr)
+        return EXIT_FAILED
     except Interrupted:
         print("leanfoem: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
