@@ -238,6 +238,13 @@ def _safetensors_error() -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    from .distributed import end_aborted_rank
+    end_aborted_rank(code)  # a rank of a failed torchrun job ends here (its message is out)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

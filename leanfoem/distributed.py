@@ -177,13 +177,15 @@ class Group(Ranks):
     def abort(self, exc: BaseException) -> BaseException:
         """This rank stops on an error: its peers are told (they stop too), or, when the error is a collective that
         failed because a peer is gone, the watch threads get a moment to name it. Returns the error to raise."""
+        global _aborted
         from .pipeline import Interrupted
         if _lost_contact(exc):
             time.sleep(GIVE_UP_SECONDS)  # a watch thread normally ends the process, naming the peer, before this
-            self.closing = True
+            self.closing = _aborted = True
             return RankLost(f"rank {self.rank} lost contact with another rank: {' '.join(str(exc).split())[:200]}")
         self.closing = True
         self._tell_peers(INTERRUPTED if isinstance(exc, (Interrupted, KeyboardInterrupt)) else FAILED)
+        _aborted = True
         return exc
 
     def close(self) -> None:
@@ -434,6 +436,32 @@ def _lost_contact(exc: BaseException) -> bool:
                                                ("gloo" in text or "Connection closed" in text or "NCCL" in text))
 
 
+_aborted = False
+
+
+def _joined_group(device_option: str) -> Group:
+    """This process's rank; a job it cannot join is one line (RankLost), not a traceback."""
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RankLost(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not set: start the job with torchrun")
+    try:
+        return Group(device_option)
+    except (RuntimeError, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        raise RankLost(f"cannot join the torchrun job (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}, "
+                       f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}): {text[:200]}") from None
+
+
+def end_aborted_rank(code: int) -> None:
+    """A rank that stopped on an error leaves without the interpreter's teardown: its watch threads sit in gloo
+    receives, and destroying the process group under them aborts the process (SIGABRT) after the message."""
+    if _aborted:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 @contextlib.contextmanager
 def launched(device_option: str = "auto"):
     """The ranks of this process: a torchrun job's when WORLD_SIZE > 1, else the single process. Errors end every
@@ -441,7 +469,7 @@ def launched(device_option: str = "auto"):
     if world_size_from_environment() <= 1:
         yield Ranks()
         return
-    group = Group(device_option)
+    group = _joined_group(device_option)
     try:
         yield group
     except BaseException as exc:

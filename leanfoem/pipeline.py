@@ -235,8 +235,9 @@ class QuantizeRun:
             self._write_first_inputs(runner, journal)
         runner.release_embedding()
         start = journal.blocks_done
-        self.emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": len(self.rows),
-                    "tokens": sum(self.lengths), "device": str(self.device), "dtype": self.dtype_choice.name,
+        calibration = self.fingerprint["calibration"]  # every row (a rank holds its share)
+        self.emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": calibration["rows"],
+                    "tokens": calibration["tokens"], "device": str(self.device), "dtype": self.dtype_choice.name,
                     "dtype_reason": self.dtype_choice.reason})
         self._announce_layers_left_out(runner.num_blocks)
         bar = tqdm(total=runner.num_blocks, initial=start, desc="blocks", unit="block", disable=self.options.quiet)
