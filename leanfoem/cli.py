@@ -171,6 +171,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--expert-group", type=_positive_int, default=None, metavar="N",
                    help="mixture-of-experts: check groups of N experts (default: the largest that fits)")
     _add_dtype_argument(p)
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="processes of a torchrun job (--nproc-per-node x --nnodes): per-rank memory")
     p.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
     p.set_defaults(handler=run_plan)
 
@@ -194,7 +196,10 @@ def run_plan(args) -> int:
     result = plan(stored, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
                   alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes,
-                  compute_dtype=dtype, expert_calibration=args.expert_calibration, expert_group=args.expert_group)
+                  compute_dtype=dtype, expert_calibration=args.expert_calibration, expert_group=args.expert_group,
+                  nproc=args.nproc)
+    from .distributed import check_supported
+    check_supported(moe=result.experts > 0, world=args.nproc)  # as `quantize` under torchrun refuses it
     print(format_plan(result, args.model))
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -269,7 +274,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         return args.handler(args)
     except RankLost as exc:
-        print(f"leanfoem: {exc}; run the same command again to resume", file=sys.stderr)
+        print(f"leanfoem: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Interrupted:
         print("leanfoem: interrupted; run the same command again to resume where it stopped", file=sys.stderr)

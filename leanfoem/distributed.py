@@ -71,6 +71,13 @@ def check_world_size(work: Path, world: int) -> None:
                             f"{', or no torchrun' if started == 1 else ''}), or run with --restart to start over")
 
 
+def check_supported(moe: bool, world: int) -> None:
+    """What a job of `world` processes cannot do yet (`quantize` and `plan --nproc` refuse it alike)."""
+    if moe and world > 1:
+        raise ValueError("mixture-of-experts models are quantized by one process for now: run the command without "
+                         "torchrun (plan: without --nproc)")
+
+
 def split(count: int, world: int, rank: int) -> tuple[int, int]:
     """The contiguous share [start, stop) of `count` items that `rank` owns."""
     return count * rank // world, count * (rank + 1) // world
@@ -182,7 +189,8 @@ class Group(Ranks):
         if _lost_contact(exc):
             time.sleep(GIVE_UP_SECONDS)  # a watch thread normally ends the process, naming the peer, before this
             self.closing = _aborted = True
-            return RankLost(f"rank {self.rank} lost contact with another rank: {' '.join(str(exc).split())[:200]}")
+            return RankLost(f"rank {self.rank} lost contact with another rank ({' '.join(str(exc).split())[:200]}); "
+                            "run the same command again to resume")
         self.closing = True
         self._tell_peers(INTERRUPTED if isinstance(exc, (Interrupted, KeyboardInterrupt)) else FAILED)
         _aborted = True
@@ -221,9 +229,7 @@ class Group(Ranks):
         return f"{stem}.rank{self.rank}{dot}{suffix}"
 
     def check_supported(self, moe: bool) -> None:
-        if moe:
-            raise ValueError("mixture-of-experts models are quantized by one process for now: run the command "
-                             "without torchrun")
+        check_supported(moe, self.world)
 
     def check_same(self, fingerprint: dict) -> None:
         """Every rank must compute from the same inputs and settings as rank 0 (same files, same options)."""

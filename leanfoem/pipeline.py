@@ -202,7 +202,7 @@ class QuantizeRun:
                     beta=o.beta if self.beta_auto else self.beta, batch_tokens=o.batch_tokens,
                     compute_dtype=self.dtype_choice.name,
                     calib_bytes=calib.stat().st_size if calib.is_file() else None,
-                    expert_calibration=o.expert_calibration, expert_group=o.expert_group)
+                    expert_calibration=o.expert_calibration, expert_group=o.expert_group, nproc=self.ranks.world)
 
     def _fingerprint(self) -> dict:
         shards = {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}

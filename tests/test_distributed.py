@@ -164,3 +164,20 @@ def test_a_rank_that_fails_with_an_error_stops_the_other_naming_it(model, tmp_pa
     assert [p.returncode for p in ranks] == [1, 2], errors
     assert errors[1].count("\n") == 1 and "is not a directory" in errors[1], errors[1]
     assert errors[0].count("\n") == 1 and "rank 1 failed" in errors[0], errors[0]
+
+
+def test_plan_shows_each_ranks_memory(capsys):
+    from leanfoem.cli import main
+    from leanfoem.models import demo_model_dir
+    plans = []
+    for nproc in (1, 2):
+        assert main(["plan", "--model", str(demo_model_dir()), "--device", "cuda", "--gpu-memory", "24GiB",
+                     "--nproc", str(nproc), "--json"]) == 0
+        out = capsys.readouterr().out
+        plans.append(json.loads(out.strip().splitlines()[-1]))
+    one, two = plans
+    assert "rank 0" in out and "per rank" in out and "work files" in out
+    assert two["nproc"] == 2 and two["calibration_tokens"] == one["calibration_tokens"] // 2
+    assert two["reduction_bytes"] == two["hessian_width"] ** 2 * 4
+    assert two["rank0_device_peak_bytes"] == two["device_peak_bytes"] + two["reduction_bytes"]
+    assert two["host_required_bytes"] <= one["host_required_bytes"]
