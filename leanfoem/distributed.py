@@ -152,6 +152,7 @@ class Group(Ranks):
         self.commits = dist.new_group(backend="gloo", timeout=TIMEOUT)     # the commit thread's
         self.watch = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30))
         self.closing = False
+        self.started, self.collective_seconds = time.perf_counter(), 0.0  # for LEANFOEM_RANK_TIMES (benchmarks)
         self.watchers = [threading.Thread(target=self._watch, args=(peer,), daemon=True, name=f"watch-rank{peer}")
                          for peer in range(self.world) if peer != self.rank]
         for thread in self.watchers:
@@ -196,14 +197,35 @@ class Group(Ranks):
         _aborted = True
         return exc
 
+    @contextlib.contextmanager
+    def _collective(self):
+        """Times the main thread's collectives: transfers, and waiting for the other ranks to reach them."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.collective_seconds += time.perf_counter() - started
+
     def close(self) -> None:
         """Every rank got here: say so, hear it from every peer, and leave the groups."""
-        self.dist.barrier(group=self.objects)
+        with self._collective():
+            self.dist.barrier(group=self.objects)
+        self._write_times()
         self.closing = True
         self._tell_peers(FINISHED)
         for thread in self.watchers:
             thread.join()
         self.dist.destroy_process_group()
+
+    def _write_times(self) -> None:
+        """With LEANFOEM_RANK_TIMES=DIR, each rank leaves DIR/rankR.json: its run's seconds and the part spent in
+        the main thread's collectives (tools/bench_ranks.py reads them)."""
+        where = os.environ.get("LEANFOEM_RANK_TIMES")
+        if where:
+            Path(where).mkdir(parents=True, exist_ok=True)
+            (Path(where) / f"rank{self.rank}.json").write_text(json.dumps(
+                {"rank": self.rank, "world": self.world, "seconds": time.perf_counter() - self.started,
+                 "collective_seconds": self.collective_seconds}))
 
     # -- who does what -----------------------------------------------------------------------------
     def device(self, device: torch.device) -> torch.device:
@@ -242,7 +264,8 @@ class Group(Ranks):
 
     def _broadcast_object(self, value, group=None):
         box = [value]
-        self.dist.broadcast_object_list(box, src=0, group=group or self.objects)
+        with self._collective():
+            self.dist.broadcast_object_list(box, src=0, group=group or self.objects)
         return box[0]
 
     def leader_value(self, fn, *args):
@@ -284,14 +307,16 @@ class Group(Ranks):
         sums = [acc.sum_xx] + ([acc.sum_dx] if acc.sum_dx is not None else [])
         tokens = torch.tensor([acc.tokens], dtype=torch.float64, device=acc.sum_xx.device)
         if not self.leader:
-            for tensor in sums + [tokens]:
-                self.dist.send(tensor, dst=0)
+            with self._collective():
+                for tensor in sums + [tokens]:
+                    self.dist.send(tensor, dst=0)
             acc.sum_xx = acc.sum_dx = None
             return False
         incoming = [torch.empty_like(t) for t in sums + [tokens]]
         for peer in range(1, self.world):
             for total, buffer in zip(sums + [tokens], incoming):
-                self.dist.recv(buffer, src=peer)
+                with self._collective():
+                    self.dist.recv(buffer, src=peer)
                 total.add_(buffer)
         acc.tokens = int(tokens.item())
         return True
@@ -322,9 +347,10 @@ class Group(Ranks):
             dead = torch.empty(n, dtype=torch.uint8, device=device)
             perm = torch.empty(n, dtype=torch.int64, device=device) if has_perm else None
             gptaq = torch.empty((n, n), dtype=torch.float32, device=device) if has_gptaq else None
-        for tensor in (upper, dead, perm, gptaq):
-            if tensor is not None:
-                self.dist.broadcast(tensor, src=0)
+        with self._collective():
+            for tensor in (upper, dead, perm, gptaq):
+                if tensor is not None:
+                    self.dist.broadcast(tensor, src=0)
         if self.leader:
             return prepared
         return PreparedHessian(upper, dead.bool(), perm, gptaq, Factor(upper, damp, tried, condition))
@@ -344,7 +370,8 @@ class Group(Ranks):
             else:
                 a, b = split(rows, self.world, owner)
                 buffer = torch.empty(_result_size(mine, b - a), dtype=torch.uint8, device=mine.codes.device)
-            self.dist.broadcast(buffer, src=owner)
+            with self._collective():
+                self.dist.broadcast(buffer, src=owner)
             parts.append(mine if owner == self.rank else _result_from_bytes(mine, buffer))
         return _joined(parts)
 
@@ -366,7 +393,11 @@ class SharedJournal:
 
     def _gathered(self, inputs, native, group):
         entries = [None] * self.group.world if self.group.leader else None
-        self.group.dist.gather_object((inputs, native), entries, dst=0, group=group)
+        if group is self.group.objects:
+            with self.group._collective():
+                self.group.dist.gather_object((inputs, native), entries, dst=0, group=group)
+        else:  # the commit thread's: it overlaps the next block's computing, not counted
+            self.group.dist.gather_object((inputs, native), entries, dst=0, group=group)
         if not self.group.leader:
             return None, None
         natives = [n for _, n in entries]
