@@ -71,11 +71,11 @@ def check_world_size(work: Path, world: int) -> None:
                             f"{', or no torchrun' if started == 1 else ''}), or run with --restart to start over")
 
 
-def check_supported(moe: bool, world: int) -> None:
+def check_supported(moe: bool, world: int, beta_auto: bool = False) -> None:
     """What a job of `world` processes cannot do yet (`quantize` and `plan --nproc` refuse it alike)."""
-    if moe and world > 1:
-        raise ValueError("mixture-of-experts models are quantized by one process for now: run the command without "
-                         "torchrun (plan: without --nproc)")
+    if world > 1 and (moe or beta_auto):
+        what = "mixture-of-experts models are quantized" if moe else "--beta auto chooses β"
+        raise ValueError(f"{what} in one process for now: run the command without torchrun (plan: without --nproc)")
 
 
 def split(count: int, world: int, rank: int) -> tuple[int, int]:
@@ -104,7 +104,7 @@ class Ranks:
     def file_name(self, name: str) -> str:
         return name
 
-    def check_supported(self, moe: bool) -> None:
+    def check_supported(self, moe: bool, beta_auto: bool = False) -> None:
         pass
 
     def check_same(self, fingerprint: dict) -> None:
@@ -250,8 +250,8 @@ class Group(Ranks):
         stem, dot, suffix = name.partition(".")
         return f"{stem}.rank{self.rank}{dot}{suffix}"
 
-    def check_supported(self, moe: bool) -> None:
-        check_supported(moe, self.world)
+    def check_supported(self, moe: bool, beta_auto: bool = False) -> None:
+        check_supported(moe, self.world, beta_auto)
 
     def check_same(self, fingerprint: dict) -> None:
         """Every rank must compute from the same inputs and settings as rank 0 (same files, same options)."""
