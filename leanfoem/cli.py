@@ -199,7 +199,7 @@ def run_plan(args) -> int:
                   compute_dtype=dtype, expert_calibration=args.expert_calibration, expert_group=args.expert_group,
                   nproc=args.nproc)
     from .distributed import check_supported
-    check_supported(moe=result.experts > 0, world=args.nproc, beta_auto=args.beta == "auto")  # as quantize does
+    check_supported(args.nproc, beta_auto=args.beta == "auto")  # as `quantize` under torchrun does
     print(format_plan(result, args.model))
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -71,11 +71,11 @@ def check_world_size(work: Path, world: int) -> None:
                             f"{', or no torchrun' if started == 1 else ''}), or run with --restart to start over")
 
 
-def check_supported(moe: bool, world: int, beta_auto: bool = False) -> None:
+def check_supported(world: int, beta_auto: bool = False) -> None:
     """What a job of `world` processes cannot do yet (`quantize` and `plan --nproc` refuse it alike)."""
-    if world > 1 and (moe or beta_auto):
-        what = "mixture-of-experts models are quantized" if moe else "--beta auto chooses β"
-        raise ValueError(f"{what} in one process for now: run the command without torchrun (plan: without --nproc)")
+    if world > 1 and beta_auto:
+        raise ValueError("--beta auto chooses β in one process for now: run the command without torchrun (plan: "
+                         "without --nproc)")
 
 
 def split(count: int, world: int, rank: int) -> tuple[int, int]:
@@ -104,7 +104,7 @@ class Ranks:
     def file_name(self, name: str) -> str:
         return name
 
-    def check_supported(self, moe: bool, beta_auto: bool = False) -> None:
+    def check_supported(self, beta_auto: bool = False) -> None:
         pass
 
     def check_same(self, fingerprint: dict) -> None:
@@ -125,6 +125,10 @@ class Ranks:
     def sum_on_leader(self, acc: HessianAccumulator) -> bool:
         """The accumulator's sums over every rank's rows, on rank 0 (True there)."""
         return True
+
+    def total(self, counts: torch.Tensor) -> torch.Tensor:
+        """Integer counts summed over the ranks (exact in any order)."""
+        return counts
 
     def shared_hessian(self, prepare, device):
         """prepare() on rank 0, its PreparedHessian on every rank."""
@@ -250,8 +254,8 @@ class Group(Ranks):
         stem, dot, suffix = name.partition(".")
         return f"{stem}.rank{self.rank}{dot}{suffix}"
 
-    def check_supported(self, moe: bool, beta_auto: bool = False) -> None:
-        check_supported(moe, self.world, beta_auto)
+    def check_supported(self, beta_auto: bool = False) -> None:
+        check_supported(self.world, beta_auto)
 
     def check_same(self, fingerprint: dict) -> None:
         """Every rank must compute from the same inputs and settings as rank 0 (same files, same options)."""
@@ -301,6 +305,12 @@ class Group(Ranks):
             Path(work).rmdir()  # this node's own (empty) work directory when the output is not shared
 
     # -- the reductions ------------------------------------------------------------------------------
+    def total(self, counts: torch.Tensor) -> torch.Tensor:
+        counts = counts.clone()
+        with self._collective():
+            self.dist.all_reduce(counts)
+        return counts
+
     def sum_on_leader(self, acc: HessianAccumulator) -> bool:
         """Rank 0 receives each rank's partial sums in rank order and adds them in that order, in fp32: the same
         bits whichever rank finishes its pass first. The others send theirs and drop them."""

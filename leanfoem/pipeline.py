@@ -175,7 +175,7 @@ class QuantizeRun:
         check_fits(self.plan)  # refuse up front, with the numbers, rather than run out of memory at block 40
         self.batch_tokens = self.plan.batch_tokens
         self.expert_group = self.plan.expert_group  # None for a dense model
-        self.ranks.check_supported(moe=self.expert_group is not None, beta_auto=self.beta_auto)
+        self.ranks.check_supported(beta_auto=self.beta_auto)
         self.fingerprint = self._fingerprint()
         self.ranks.check_same(self.fingerprint)
         self._share_rows()
