@@ -566,8 +566,8 @@ class QuantizeRun:
     def work_writer(self, name: str, width: int, durable: bool) -> ActivationWriter:
         """Rows are written on a background thread, at most one forward batch of them waiting (the previous batch's
         outputs, which the caller held while computing the next one anyway)."""
-        return ActivationWriter(self.work / self.ranks.file_name(name), self.lengths, width, self.dtype, durable=durable,
-                                pending_bytes=self.batch_tokens * width * self.dtype.itemsize)
+        return ActivationWriter(self.work / self.ranks.file_name(name), self.lengths, width, self.dtype,
+                                durable=durable, pending_bytes=self.batch_tokens * width * self.dtype.itemsize)
 
     def _finish(self, journal: Journal, total_shards: int, digest: str) -> None:
         extra = shard_name(total_shards, total_shards)
