@@ -101,10 +101,12 @@ def _add_dtype_argument(p) -> None:
 
 
 def run_quantize(args) -> int:
+    from .distributed import launched
     from .pipeline import QuantizeOptions, quantize
     fields = QuantizeOptions.__dataclass_fields__
     options = QuantizeOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    out = quantize(options)
+    with launched(options.device) as ranks:  # under torchrun: this process's rank of the job; else one process
+        out = quantize(options, ranks)
     if not options.quiet:
         print(f"done: {out}")
     return 0
@@ -169,6 +171,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--expert-group", type=_positive_int, default=None, metavar="N",
                    help="mixture-of-experts: check groups of N experts (default: the largest that fits)")
     _add_dtype_argument(p)
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                   help="processes of a torchrun job (--nproc-per-node x --nnodes): per-rank memory")
     p.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
     p.set_defaults(handler=run_plan)
 
@@ -192,7 +196,10 @@ def run_plan(args) -> int:
     result = plan(stored, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
                   alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes,
-                  compute_dtype=dtype, expert_calibration=args.expert_calibration, expert_group=args.expert_group)
+                  compute_dtype=dtype, expert_calibration=args.expert_calibration, expert_group=args.expert_group,
+                  nproc=args.nproc)
+    from .distributed import check_supported
+    check_supported(args.nproc, beta_auto=args.beta == "auto")  # as `quantize` under torchrun does
     print(format_plan(result, args.model))
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -236,6 +243,13 @@ def _safetensors_error() -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    from .distributed import end_aborted_rank
+    end_aborted_rank(code)  # a rank of a failed torchrun job ends here (its message is out)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -256,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    from .distributed import RankLost
     try:
         return args.handler(args)
+    except RankLost as exc:
+        print(f"leanfoem: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Interrupted:
         print("leanfoem: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -130,7 +130,8 @@ class ExpertQuantizer:
             raise
         self.inputs = ActivationReader(writer.path, self.run.lengths, self.run.dtype)
         self.route_index, self.route_weights = torch.cat(index), torch.cat(weights)
-        self.routed = torch.bincount(self.route_index.flatten(), minlength=self.count)[: self.count]
+        counts = torch.bincount(self.route_index.flatten(), minlength=self.count)[: self.count]
+        self.routed = self.run.ranks.total(counts)  # every rank's tokens (one process: its own)
         return hessian
 
     def _calls(self):
@@ -150,7 +151,8 @@ class ExpertQuantizer:
         tokens = self.offsets[-1]
         with self._timed("gate/up factorisation"):
             self.all_tokens = self._prepare(shared, f"{self.path} (all experts' inputs)")
-        sums = RoutedSum(self.run.work / f"experts-{self.index:05d}-sum.bin", tokens, self.hidden, self.run.dtype)
+        sums = RoutedSum(self.run.work / self.run.ranks.file_name(f"experts-{self.index:05d}-sum.bin"), tokens,
+                         self.hidden, self.run.dtype)
         reports = []
         try:
             for first in range(0, self.count, self.group):
@@ -250,6 +252,11 @@ class ExpertQuantizer:
         return [accs[local] for local in locals_]
 
     def _prepare(self, accumulator: HessianAccumulator, name: str):
+        """Factorised on rank 0 from every rank's tokens and shared (one process: here), `distributed.py`."""
+        self.run.ranks.sum_on_leader(accumulator)
+        return self.run.ranks.shared_hessian(lambda: self._factorised(accumulator, name), self.run.device)
+
+    def _factorised(self, accumulator: HessianAccumulator, name: str):
         o = self.run.options
         try:
             hessian, _ = accumulator.scaled()
@@ -260,8 +267,9 @@ class ExpertQuantizer:
     def _solve(self, weight: torch.Tensor, prepared, name: str):
         """`weight` [out, in]; the column loop works in its storage when weight.T is a contiguous fp32 tensor."""
         o = self.run.options
-        return quantize_prepared(weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                                 method=o.method, beta=self.run.beta, overwrite=True)
+        return self.run.ranks.solve_rows(weight, lambda rows: quantize_prepared(  # each rank a share of the rows
+            rows, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym, method=o.method, beta=self.run.beta,
+            overwrite=True))
 
     # -- output ------------------------------------------------------------------------------------
     def _name(self, expert: int) -> str:
@@ -275,7 +283,8 @@ class ExpertQuantizer:
             packed.update({f"{name}.{k}": v.cpu() for k, v in part.pack(fmt).items()})
         own, fallback = self._hessian_tokens(expert, int(self.routed[expert]))
         report = ExpertReport(self._name(expert), int(self.routed[expert]),
-                              int(self.routed[expert]) if own else self.offsets[-1], down.damp,
+                              int(self.routed[expert]) if own else self.run.fingerprint["calibration"]["tokens"],
+                              down.damp,
                               gate_up.loss + down.loss, fallback)
         losses.append(report.loss)
         self.run.emit({"event": "expert", **vars(report), "damp_gate_up": gate_up.damp, "seconds": round(seconds, 3)})

@@ -48,6 +48,7 @@ from .calibration import CalibrationError, load_calibration, rows_digest
 from .checkpoint_reader import CheckpointError, CheckpointReader
 from .checkpoint_writer import (copy_side_files, quantization_config, shard_name, shard_tensor_names,
                                 write_configs, write_index, write_shard)
+from .distributed import Ranks
 from .dtype_choice import choose as choose_dtype
 from .expert_quantizer import CALIBRATION_MODES, ExpertQuantizer
 from .hessian import HessianAccumulator
@@ -129,8 +130,11 @@ def default_calibration() -> str:
 
 
 class QuantizeRun:
-    def __init__(self, options: QuantizeOptions):
+    def __init__(self, options: QuantizeOptions, ranks: Ranks | None = None):
         self.options = options
+        self.ranks = ranks or Ranks()  # one process; under torchrun, this rank of the job (`distributed.py`)
+        if not self.ranks.leader:
+            options.quiet = True  # rank 0 alone speaks (and writes the log)
         self.model_dir = resolve_model_dir(options.model)
         self.out = Path(options.out).expanduser()
         _check_not_input(self.model_dir, self.out)
@@ -138,8 +142,9 @@ class QuantizeRun:
         config = _load_input("config.json", self.model_dir, AutoConfig.from_pretrained)
         self.config = without_stored_quantization(config)  # fp8 is read dequantized, other stored quantization refused
         self.arch = architecture_for(self.config)
-        self.device = resolve_device(options.device)
-        self.dtype_choice = choose_dtype(options.dtype, self.device, compute_dtype(self.device, self.config))
+        self.device = self.ranks.device(resolve_device(options.device))
+        self.dtype_choice = self.ranks.leader_value(  # a probe may time it: rank 0's choice is everyone's
+            choose_dtype, options.dtype, self.device, compute_dtype(self.device, self.config))
         self.dtype = self.dtype_choice.dtype
         limit = getattr(self.config, "max_position_embeddings", None) or options.seqlen
         self.seqlen = min(options.seqlen, limit)
@@ -166,14 +171,25 @@ class QuantizeRun:
             raise ValueError(f"--expert-calibration {options.expert_calibration!r}: choose one of "
                              f"{', '.join(CALIBRATION_MODES)}")
         check_terms_supported(self.config, self.alpha, self.beta_auto)
-        self.plan = self._plan()
+        self.plan = self.ranks.leader_value(self._plan)
         check_fits(self.plan)  # refuse up front, with the numbers, rather than run out of memory at block 40
         self.batch_tokens = self.plan.batch_tokens
         self.expert_group = self.plan.expert_group  # None for a dense model
+        self.ranks.check_supported(beta_auto=self.beta_auto)
         self.fingerprint = self._fingerprint()
+        self.ranks.check_same(self.fingerprint)
+        self._share_rows()
         self.work = self.out / WORK_DIR_NAME
         self._commits = Worker("commit", 1)  # block i's commit runs while block i+1 computes (`_commit_block`)
         self._handover: list[tuple[str, ActivationReader]] | None = None  # block i+1's inputs, from block i
+
+    def _share_rows(self) -> None:
+        """This rank's calibration rows (all of them with one process); the fingerprint holds every row."""
+        self.rows = self.ranks.rows(self.rows)
+        self.lengths = [r.numel() for r in self.rows]
+        self.row_starts = [0]
+        for n in self.lengths:
+            self.row_starts.append(self.row_starts[-1] + n)
 
     def _plan(self):
         """The planner's budget for this machine (its card and RAM); it also picks the forward batch."""
@@ -186,7 +202,7 @@ class QuantizeRun:
                     beta=o.beta if self.beta_auto else self.beta, batch_tokens=o.batch_tokens,
                     compute_dtype=self.dtype_choice.name,
                     calib_bytes=calib.stat().st_size if calib.is_file() else None,
-                    expert_calibration=o.expert_calibration, expert_group=o.expert_group)
+                    expert_calibration=o.expert_calibration, expert_group=o.expert_group, nproc=self.ranks.world)
 
     def _fingerprint(self) -> dict:
         shards = {p.name: {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
@@ -198,6 +214,7 @@ class QuantizeRun:
                              expert_group=self.expert_group, **self._beta_choice_settings()),
             "versions": {"leanfoem": __version__, "torch": torch.__version__.split("+")[0]},
             "compute": {"device": self.device.type, "dtype": self.dtype_choice.name},
+            **self.ranks.fingerprint(),  # the world size, under torchrun (the rows are split by it)
         }
 
     def _beta_choice_settings(self) -> dict:
@@ -208,18 +225,19 @@ class QuantizeRun:
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> Path:
         digest = fingerprint_digest(self.fingerprint)
-        if self._finished_already(digest):
+        if self.ranks.leader_value(self._finished_already, digest):
             return self.out
-        self._prepare_output()
-        journal = Journal.open(self.work, self.fingerprint)
+        self.ranks.leader_first(self._prepare_output)
+        journal = self.ranks.open_journal(self.work, self.fingerprint)
         runner = BlockRunner(self.config, self.reader, self.arch, self.device, self.dtype)
         total_shards = runner.num_blocks + 1
         if journal.state["inputs"] is None:
             self._write_first_inputs(runner, journal)
         runner.release_embedding()
         start = journal.blocks_done
-        self.emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": len(self.rows),
-                    "tokens": sum(self.lengths), "device": str(self.device), "dtype": self.dtype_choice.name,
+        calibration = self.fingerprint["calibration"]  # every row (a rank holds its share)
+        self.emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": calibration["rows"],
+                    "tokens": calibration["tokens"], "device": str(self.device), "dtype": self.dtype_choice.name,
                     "dtype_reason": self.dtype_choice.reason})
         self._announce_layers_left_out(runner.num_blocks)
         bar = tqdm(total=runner.num_blocks, initial=start, desc="blocks", unit="block", disable=self.options.quiet)
@@ -236,7 +254,8 @@ class QuantizeRun:
             for _, reader in self._handover or ():
                 reader.close()
             self._commits.drain()  # the last block's commit; after an error or a signal too: finished work is kept
-        self._finish(journal, total_shards, digest)
+        self.ranks.leader_value(self._finish, journal, total_shards, digest)
+        self.ranks.finish_run(self.work, self.options.keep_work)
         return self.out
 
     def _announce_layers_left_out(self, num_blocks: int) -> None:
@@ -279,7 +298,7 @@ class QuantizeRun:
             if foreign:
                 raise OutputError(f"output directory {self.out} is not empty and holds no leanfoem run "
                                   f"(found {foreign[0]}); choose an empty or new directory")
-        if self.options.restart and self.work.is_dir():
+        if self.options.restart and self.work.is_dir() and self.ranks.leader:
             self._discard_unfinished_run()
         try:
             self.work.mkdir(parents=True, exist_ok=True)
@@ -312,7 +331,7 @@ class QuantizeRun:
         except BaseException:
             writer.abandon()
             raise
-        inputs = {"file": name, "sha256": digest}
+        inputs = {"file": writer.path.name, "sha256": digest}
         journal.record_inputs(inputs, inputs if self.gptaq else None)
 
     def _quantize_block(self, runner: BlockRunner, journal: Journal, index: int, total_shards: int,
@@ -373,7 +392,8 @@ class QuantizeRun:
         """Block done, on the commit thread while the next block computes: the next block's inputs made durable and
         the block's shard written, then (only then) its journal entry, then the block's own inputs dropped."""
         outputs = [{"file": writer.path.name, "sha256": writer.commit()} for writer in writers] + [None]
-        entry = dict(entry, sha256=write_shard(self.out / entry["shard"], tensors))
+        if self.ranks.leader:
+            entry = dict(entry, sha256=write_shard(self.out / entry["shard"], tensors))
         journal.record_block(entry, outputs[0], outputs[1])
         for name in set(previous) - {o["file"] for o in outputs if o}:
             (self.work / name).unlink(missing_ok=True)
@@ -393,9 +413,14 @@ class QuantizeRun:
         if hand_back:
             release_freed_memory()
         o = self.options
-        if self.beta_auto:
+        if self.beta_auto:  # one process only (`distributed.check_supported`)
             return beta_choice.split_statistics(*accumulators, damp=o.damp, desc_act=o.desc_act, alpha=self.alpha)
-        hessian, cross = accumulators[0].scaled()
+        self.ranks.sum_on_leader(accumulators[0])  # every rank's partial sums, on rank 0 (one process: nothing to do)
+        return self.ranks.shared_hessian(lambda: self._factorised(accumulators[0]), self.device)
+
+    def _factorised(self, acc: HessianAccumulator) -> PreparedHessian:
+        o = self.options
+        hessian, cross = acc.scaled()
         return prepare_hessian(hessian, damp=o.damp, desc_act=o.desc_act, alpha=self.alpha, cross=cross,
                                overwrite=True)
 
@@ -477,14 +502,15 @@ class QuantizeRun:
         sizes = [linear.out_features for linear in linears]
         choices = [{}] * len(group)
         if prepared is None:
-            parts = quantize_weight(weight, None, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                                    method="rtn").split(sizes)
+            parts = self.ranks.solve_rows(weight, lambda rows: quantize_weight(  # a share of the rows per rank
+                rows, None, bits=o.bits, group_size=o.group_size, sym=o.sym, method="rtn")).split(sizes)
         elif isinstance(prepared, beta_choice.HeldOutHessians):
             parts, choices = beta_choice.solve(weight, sizes, prepared, bits=o.bits, group_size=o.group_size,
                                                sym=o.sym, damp=o.damp, desc_act=o.desc_act, alpha=self.alpha)
         else:
-            parts = quantize_prepared(weight, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym,
-                                      method=o.method, beta=self.beta, overwrite=True).split(sizes)
+            parts = self.ranks.solve_rows(weight, lambda rows: quantize_prepared(
+                rows, prepared, bits=o.bits, group_size=o.group_size, sym=o.sym, method=o.method, beta=self.beta,
+                overwrite=True)).split(sizes)
         del weight
         seconds = round(time.time() - started, 3)
         tensors = {}
@@ -540,8 +566,8 @@ class QuantizeRun:
     def work_writer(self, name: str, width: int, durable: bool) -> ActivationWriter:
         """Rows are written on a background thread, at most one forward batch of them waiting (the previous batch's
         outputs, which the caller held while computing the next one anyway)."""
-        return ActivationWriter(self.work / name, self.lengths, width, self.dtype, durable=durable,
-                                pending_bytes=self.batch_tokens * width * self.dtype.itemsize)
+        return ActivationWriter(self.work / self.ranks.file_name(name), self.lengths, width, self.dtype,
+                                durable=durable, pending_bytes=self.batch_tokens * width * self.dtype.itemsize)
 
     def _finish(self, journal: Journal, total_shards: int, digest: str) -> None:
         extra = shard_name(total_shards, total_shards)
@@ -572,6 +598,8 @@ class QuantizeRun:
 
     # -- reporting ----------------------------------------------------------------------------------
     def emit(self, record: dict) -> None:
+        if not self.ranks.leader:
+            return
         record = dict(record, time=round(time.time(), 3))
         with open(self.out / LOG_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -638,8 +666,8 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def quantize(options: QuantizeOptions) -> Path:
-    return QuantizeRun(options).run()
+def quantize(options: QuantizeOptions, ranks: Ranks | None = None) -> Path:
+    return QuantizeRun(options, ranks).run()
 
 
 def _load_input(what: str, model_dir: Path, load):

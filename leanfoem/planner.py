@@ -372,6 +372,10 @@ class Plan:
     dense_blocks: int = 0
     expert_files_bytes: int = 0       # work files of an MoE block: the experts' inputs + the routed-output accumulator
     source_fp8: bool = False          # linears stored as FP8 with block scales, dequantized tensor by tensor
+    nproc: int = 1                    # processes of a torchrun job; the numbers above are one rank's
+    reduction_bytes: int = 0          # rank 0's buffer for the partial sums the other ranks send it
+    rank0_device_peak_bytes: int = 0  # rank 0: the peaks above plus that buffer
+    rank0_host_peak_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -403,7 +407,7 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
          nsamples: int = 128, seqlen: int = 2048, bits: int = 4, group_size: int = 128, method: str = "foem",
          alpha: float = 0.0, beta: float | str = 0.2, batch_tokens: int | None = None, calib_bytes: int | None = None,
          checkpoint_format: str = "gptq", expert_calibration: str = "all", expert_group: int | None = None,
-         compute_dtype: str | None = None) -> Plan:
+         compute_dtype: str | None = None, nproc: int = 1) -> Plan:
     """The budget of `leanfoem quantize` for this config and these settings.
 
     `device`: "cpu" or "cuda" (a "cuda:N" works too). `gpu_memory`/`host_memory`: the budgets, bytes or
@@ -415,6 +419,8 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
     loaded and solved together (`_expert_group`), a given value is kept and checked.
     `compute_dtype`: the forward dtype ("float32", "bfloat16", ...; None: fp32 on the CPU, half on CUDA).
     `beta="auto"` counts `--beta auto`'s held-out statistics.
+    `nproc`: processes of a torchrun job (`distributed.py`): each holds its share of the rows, rank 0 also a buffer
+    for the partial Hessian sums it receives; the plan is one rank's, rank 0's peaks apart.
     """
     del checkpoint_format  # same sizes in both formats
     if expert_calibration not in ("all", "routed"):
@@ -430,9 +436,12 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
     compute = (compute_dtype, 4 if compute_dtype == "float32" else 2) if compute_dtype else \
         ("float32", 4) if kind == "cpu" else ("half (bf16/fp16 as stored)", 2)
 
+    rows = -(-nsamples // nproc)  # a rank's share of the calibration rows (the largest share)
+
     def at(tokens: int, group: int | None) -> Plan:
-        return _plan_with(shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits, group_size, method, gptaq,
-                          beta, tokens, calib_bytes, compute, group, expert_calibration)
+        p = _plan_with(shapes, kind, gpu_budget, host_budget, rows, seqlen, bits, group_size, method, gptaq,
+                       beta, tokens, calib_bytes, compute, group, expert_calibration)
+        return _with_ranks(p, nproc, gptaq) if nproc > 1 else p
 
     if batch_tokens is not None:
         batches = [batch_tokens]
@@ -454,6 +463,25 @@ def plan(config, *, device: str = "cuda", gpu_memory: int | str | None = None, h
         if chosen.fits:
             return chosen
     return chosen  # the smallest batch: does not fit, and says why
+
+
+def _with_ranks(p: Plan, nproc: int, gptaq: bool) -> Plan:
+    """A rank's plan (`p`, for its share of the rows) with rank 0's extra: the buffer that receives each other rank's
+    partial sums of the widest Hessian (and GPTAQ cross term), counted on top of its peaks (conservative: it lives
+    between the Hessian pass and the factorisation). On the CPU the device is the host."""
+    p.nproc, p.reduction_bytes = nproc, p.hessian_width ** 2 * 4 * (2 if gptaq else 1)
+    p.rank0_device_peak_bytes = p.device_peak_bytes + p.reduction_bytes
+    p.rank0_host_peak_bytes = p.host_required_bytes + (p.reduction_bytes if p.device == "cpu" else 0)
+    p.items.append(Item("rank 0: buffer for the other ranks' partial Hessian sums", p.reduction_bytes,
+                        "device" if p.device == "cuda" else "host", "Hessian reduction"))
+    if p.device == "cuda" and p.gpu_memory is not None and p.rank0_device_peak_bytes > p.gpu_memory:
+        p.reasons.append(f"rank 0's device peak {format_size(p.rank0_device_peak_bytes)} exceeds the GPU budget "
+                         f"{format_size(p.gpu_memory)}")
+    if p.host_memory is not None and p.rank0_host_peak_bytes > p.host_memory:
+        p.reasons.append(f"rank 0's host peak {format_size(p.rank0_host_peak_bytes)} exceeds the host budget "
+                         f"{format_size(p.host_memory)}")
+    p.fits = not p.reasons
+    return p
 
 
 def _expert_group(fits, experts: int) -> int | None:
@@ -759,6 +787,18 @@ def format_plan(p: Plan, model: str = "") -> str:
                  + ("the page cache keeps them in RAM" if p.activation_store == "ram" else "streamed from disk")
                  + ("; down_proj inputs kept (no gate/up recompute)" if p.keeps_mlp_inputs else ""))
     lines += _format_experts(p)
+    if p.nproc > 1:
+        lines.append(f"  per rank      {p.nproc} processes, each with at most {p.calibration_tokens // p.seqlen} "
+                     f"calibration rows: the figures above are one rank's (on CUDA, one card each)")
+        lines.append(f"  rank 0        device peak {format_size(p.rank0_device_peak_bytes)}, host peak "
+                     f"{format_size(p.rank0_host_peak_bytes)} (+{format_size(p.reduction_bytes)}: the other ranks' "
+                     f"partial Hessian sums, received one rank at a time)")
+        lines.append(f"  work files    {format_size(p.disk_work_bytes)} per rank, in each rank's OUT/.leanfoem "
+                     f"({format_size(p.nproc * p.disk_work_bytes)} together on a shared file system); the output "
+                     f"is written by rank 0 alone")
+        if p.device == "cpu":
+            lines.append(f"  this machine  {p.nproc} ranks on one host need about "
+                         f"{format_size(p.rank0_host_peak_bytes + (p.nproc - 1) * p.host_required_bytes)} together")
     lines.append("  largest items at the peaks:")
     for item in sorted(p.items, key=lambda i: -i.bytes)[:12]:
         lines.append(f"    {format_size(item.bytes):>11}  {item.where:<6} {item.name}")
