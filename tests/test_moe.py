@@ -157,10 +157,11 @@ def test_routed_calibration_falls_back_to_all_tokens_for_an_expert_no_token_reac
     assert summary["least_routed"].startswith("5 (0)") and summary["all_token_fallbacks"] == 1
 
 
-@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
-def test_killed_moe_runs_resume_to_bit_identical_output(tmp_path, tokenizer_dir, calib_file, family):
-    """Every MoE family (DeepSeek-V3 and GLM-4.5 with a dense first block), experts in groups of 3: SIGKILL at
-    random moments, the same command each time, and the output is the uninterrupted run's, bit for bit."""
+def test_killed_moe_runs_resume_to_bit_identical_output(tmp_path, tokenizer_dir, calib_file, family="deepseek_v3"):
+    """DeepSeek-V3 (a dense first block, MLA, shared and routed experts), experts in groups of 3: SIGKILL at random
+    moments, the same command each time, and the output is the uninterrupted run's, bit for bit. One family here for
+    CI's time: every family passed it when it was written (fd03c59), the expert loop is the same code for all, and
+    tests/test_distributed.py kills a Qwen3-MoE run under 2 ranks the same way."""
     source = build_checkpoint(tmp_path / "src", tokenizer_dir, family=family, layers=3)
 
     def command(out):
