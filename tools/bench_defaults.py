@@ -180,7 +180,7 @@ def render(results: list[dict], workdir: Path) -> str:
     lines += ["", "KLD = mean per-token KL(P_fp ‖ P_q) in nats; \"KLD vs best, paired\" = mean over draws of "
               "KLD(setting)/KLD(best setting of the table) in the same draw, − 1 (as log ratios, ± s.e.), and the same for "
               "perplexity: a difference several times its paired s.e. is measured, not noise. Bold: lowest mean "
-              "KLD. With 3 draws the s.e. itself is rough (2 degrees of freedom).", "",
+              "KLD. With few draws the s.e. itself is rough (draws − 1 degrees of freedom).", "",
               table(results)]
     del r0
     return "\n".join(lines)
