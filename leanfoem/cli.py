@@ -182,6 +182,7 @@ def run_plan(args) -> int:
     import os
     from .architectures import architecture_for, check_terms_supported
     from .beta_choice import check_applies as check_beta_auto
+    from .distributed import check_supported
     from .planner import budgets_for, format_plan, load_config, plan
     from .source_formats import without_stored_quantization
     kind, gpu, host = budgets_for(args.device, args.gpu_memory, args.host_memory)
@@ -192,14 +193,13 @@ def run_plan(args) -> int:
     check_terms_supported(config, 0.0 if args.method in ("gptq", "rtn") else args.alpha, args.beta == "auto")
     if args.beta == "auto":
         check_beta_auto(args.method, args.nsamples)
+    check_supported(args.nproc, beta_auto=args.beta == "auto")  # as `quantize` under torchrun does
     dtype = None if kind == "cuda" and args.dtype == "auto" else _resolved_dtype(args.dtype)
     result = plan(stored, device=kind, gpu_memory=gpu, host_memory=host, nsamples=args.nsamples,
                   seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, method=args.method,
                   alpha=args.alpha, beta=args.beta, batch_tokens=args.batch_tokens, calib_bytes=calib_bytes,
                   compute_dtype=dtype, expert_calibration=args.expert_calibration, expert_group=args.expert_group,
                   nproc=args.nproc)
-    from .distributed import check_supported
-    check_supported(args.nproc, beta_auto=args.beta == "auto")  # as `quantize` under torchrun does
     print(format_plan(result, args.model))
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -122,9 +122,8 @@ class Ranks:
         check_world_size(work, self.world)
         return Journal.open(work, fingerprint)
 
-    def sum_on_leader(self, acc: HessianAccumulator) -> bool:
-        """The accumulator's sums over every rank's rows, on rank 0 (True there)."""
-        return True
+    def sum_on_leader(self, acc: HessianAccumulator) -> None:
+        """The accumulator's sums over every rank's rows, on rank 0 (the other ranks' accumulators are spent)."""
 
     def total(self, counts: torch.Tensor) -> torch.Tensor:
         """Integer counts summed over the ranks (exact in any order)."""
@@ -311,7 +310,7 @@ class Group(Ranks):
             self.dist.all_reduce(counts)
         return counts
 
-    def sum_on_leader(self, acc: HessianAccumulator) -> bool:
+    def sum_on_leader(self, acc: HessianAccumulator) -> None:
         """Rank 0 receives each rank's partial sums in rank order and adds them in that order, in fp32: the same
         bits whichever rank finishes its pass first. The others send theirs and drop them."""
         sums = [acc.sum_xx] + ([acc.sum_dx] if acc.sum_dx is not None else [])
@@ -321,7 +320,7 @@ class Group(Ranks):
                 for tensor in sums + [tokens]:
                     self.dist.send(tensor, dst=0)
             acc.sum_xx = acc.sum_dx = None
-            return False
+            return
         incoming = [torch.empty_like(t) for t in sums + [tokens]]
         for peer in range(1, self.world):
             for total, buffer in zip(sums + [tokens], incoming):
@@ -329,7 +328,6 @@ class Group(Ranks):
                     self.dist.recv(buffer, src=peer)
                 total.add_(buffer)
         acc.tokens = int(tokens.item())
-        return True
 
     def shared_hessian(self, prepare, device):
         """Rank 0 factorises (its error, e.g. a Hessian that cannot be factorised, is everyone's); U, the dead

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import itertools
 import json
 import logging
 import resource
@@ -153,10 +154,7 @@ class QuantizeRun:
         self.rows = load_calibration(self.calib_source, tokenizer, nsamples=options.nsamples,
                                      seqlen=self.seqlen, seed=options.seed)
         check_token_ids(self.rows, self.config.vocab_size)
-        self.lengths = [r.numel() for r in self.rows]
-        self.row_starts = [0]  # token offset of each calibration row (the last: all tokens), for the routed sums
-        for n in self.lengths:
-            self.row_starts.append(self.row_starts[-1] + n)
+        self.lengths = [r.numel() for r in self.rows]  # every row's (the fingerprint); `_share_rows`: a rank's
         del tokenizer
         release_freed_memory()  # tokenizing a long text leaves ~100 MB of freed encodings in the allocator
         self.beta_auto = options.beta == beta_choice.AUTO
@@ -184,12 +182,11 @@ class QuantizeRun:
         self._handover: list[tuple[str, ActivationReader]] | None = None  # block i+1's inputs, from block i
 
     def _share_rows(self) -> None:
-        """This rank's calibration rows (all of them with one process); the fingerprint holds every row."""
+        """This rank's calibration rows (all of them with one process), their lengths and their token offsets (the
+        last: all tokens; for the routed sums); the fingerprint holds every row."""
         self.rows = self.ranks.rows(self.rows)
         self.lengths = [r.numel() for r in self.rows]
-        self.row_starts = [0]
-        for n in self.lengths:
-            self.row_starts.append(self.row_starts[-1] + n)
+        self.row_starts = [0, *itertools.accumulate(self.lengths)]
 
     def _plan(self):
         """The planner's budget for this machine (its card and RAM); it also picks the forward batch."""
