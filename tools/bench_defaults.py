@@ -10,6 +10,12 @@ distributions token by token and is far less noisy. A draw is the `--seed` of le
 the calibration windows fall in the text); every setting sees the same rows in a draw, so settings are compared
 draw by draw (paired) and the spread over draws is reported.
 
+Besides numbers, β takes words that put other quantizers in the same table, on the same rows (see METHODS and
+PEERS): `rtn`, `auto` (`--beta auto`), `gptaq` (FOEM+GPTAQ, α 0.25, β 0.2), and GPTQModel 7.7.0's
+`gptqmodel-gptq` and `gptqmodel-foem` (β 0.2), run by tools/peers.py under LEANFOEM_REF_PYTHON (default
+/work/venv-ref/bin/python; its recipe is in tools/bench_compare.py) with fp32 layers on the rows leanfoem's
+windowing cuts for the draw, e.g. `--settings 0.01:rtn,0.01:0,0.01:0.2,0.01:auto,0.01:gptaq,0.05:gptqmodel-foem`.
+
 Each (model, bits, group, damp, β, draw) is one `leanfoem quantize` and one `leanfoem eval --reference` in its own
 process; results are cached one JSON file a run in WORKDIR/results (an interrupted benchmark resumes; the
 checkpoint is deleted after its evaluation). The runs go in the order of the arguments' product, the draw
@@ -59,9 +65,28 @@ def run_name(model, bits, group, damp, beta, draw) -> str:
     return f"{model}-w{bits}g{group}-damp{damp:g}-beta{shown_beta(beta)}-draw{draw}"
 
 
+METHODS = {  # the β column's words: leanfoem runs other than FOEM with a fixed β (β = 0 is GPTQ)
+    "rtn": ["--method", "rtn"],
+    "auto": ["--method", "foem", "--beta", "auto"],
+    "gptaq": ["--method", "foem", "--beta", "0.2", "--alpha", "0.25"],
+}
+PEERS = {"gptqmodel-gptq": ("gptq", 0.0), "gptqmodel-foem": ("foem", 0.2)}  # GPTQModel 7.7.0: method, β
+LABELS = {"rtn": "RTN", "auto": "FOEM, β auto", "gptaq": "FOEM+GPTAQ (α 0.25, β 0.2)",
+          "gptqmodel-gptq": "GPTQModel GPTQ (fp32)", "gptqmodel-foem": "GPTQModel FOEM, β 0.2 (fp32)"}
+REF_PYTHON = os.environ.get("LEANFOEM_REF_PYTHON", "/work/venv-ref/bin/python")  # with gptqmodel 7.7.0
+
+
 def parse_beta(text: str) -> float | str:
-    """A number, or "auto" (`--beta auto`: chosen per layer)."""
-    return text if text == "auto" else float(text)
+    """A number, or a word of METHODS or PEERS ("auto": `--beta auto`, chosen per layer)."""
+    if text in METHODS or text in PEERS:
+        return text
+    return float(text)
+
+
+def method_label(beta: float | str) -> str:
+    if isinstance(beta, str):
+        return LABELS[beta]
+    return "GPTQ" if beta == 0 else f"FOEM, β {beta:g}"
 
 
 def shown_beta(beta: float | str) -> str:
@@ -69,21 +94,25 @@ def shown_beta(beta: float | str) -> str:
 
 
 def setting_order(setting: tuple) -> tuple:
-    """(damp, β) in table order: numeric β ascending, then auto."""
+    """(damp, β) in table order: RTN, numeric β ascending (GPTQ first), auto, GPTAQ, then GPTQModel's."""
     damp, beta = setting
-    return damp, isinstance(beta, str), 0.0 if isinstance(beta, str) else beta
+    order = ["rtn", 0.0, "auto", "gptaq", *PEERS]
+    place = order.index(beta) if isinstance(beta, str) else 1
+    return place, damp, 0.0 if isinstance(beta, str) else beta
 
 
-def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str]) -> dict:
-    """`leanfoem quantize` of `model` with calibration draw `draw` and `settings`, then `leanfoem eval --reference`
-    of the output against the model; the checkpoint is removed afterwards. Also used by tools/bench_dtype.py."""
+def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], command: list[str] | None = None,
+                         env: dict | None = None) -> dict:
+    """`leanfoem quantize` of `model` with calibration draw `draw` and `settings` (or another quantizer's `command`),
+    then `leanfoem eval --reference` of the output against the model; the checkpoint is removed afterwards. Also
+    used by tools/bench_dtype.py."""
     m = MODELS[model]
     shutil.rmtree(out, ignore_errors=True)
-    quantize = [sys.executable, "-m", "leanfoem", "quantize", "--model", model_dir(model), "--out", str(out),
-                "--calib", str(m["calib"]), "--nsamples", str(m["nsamples"]), "--seqlen", str(m["seqlen"]),
-                "--seed", str(draw), *settings, "--device", "cpu", "--quiet"]
+    quantize = command or [sys.executable, "-m", "leanfoem", "quantize", "--model", model_dir(model), "--out",
+                           str(out), "--calib", str(m["calib"]), "--nsamples", str(m["nsamples"]), "--seqlen",
+                           str(m["seqlen"]), "--seed", str(draw), *settings, "--device", "cpu", "--quiet"]
     started = time.time()
-    subprocess.run(quantize, check=True, cwd=ROOT)
+    subprocess.run(quantize, check=True, cwd=ROOT, env=env)
     seconds = time.time() - started
     evaluate = [sys.executable, "-m", "leanfoem", "eval", "--model", str(out), "--reference", model_dir(model),
                 "--text", str(m["text"]), "--seqlen", str(m["eval_seqlen"]), "--windows", str(m["windows"]),
@@ -96,10 +125,42 @@ def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str]) 
 
 def run_one(work: Path, model, bits, group, damp, beta, draw) -> dict:
     out = work / f"ckpt-{run_name(model, bits, group, damp, beta, draw)}"  # runs may go in parallel
-    method = ["--method", "gptq"] if beta == 0 else ["--method", "foem", "--beta", shown_beta(beta)]
-    settings = ["--bits", str(bits), "--group-size", str(group), "--damp", f"{damp:g}", *method]
-    return {"model": model, "bits": bits, "group": group, "damp": damp, "beta": beta, "draw": draw,
-            **quantize_and_compare(model, out, draw, settings)}
+    shape = ["--bits", str(bits), "--group-size", str(group), "--damp", f"{damp:g}"]
+    if beta in PEERS:
+        result = gptqmodel_and_compare(work, model, out, draw, beta, shape)
+    else:
+        result = quantize_and_compare(model, out, draw, [*shape, *leanfoem_method(beta)])
+    return {"model": model, "bits": bits, "group": group, "damp": damp, "beta": beta, "draw": draw, **result}
+
+
+def leanfoem_method(beta: float | str) -> list[str]:
+    if beta == 0:
+        return ["--method", "gptq"]
+    if isinstance(beta, str):
+        return METHODS[beta]
+    return ["--method", "foem", "--beta", shown_beta(beta)]
+
+
+def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: str, shape: list[str]) -> dict:
+    """GPTQModel (tools/peers.py, under --ref-python) on the very rows leanfoem's `--seed draw` windowing cuts, its
+    layers in fp32 as leanfoem computes on this CPU, then `leanfoem eval --reference` as for leanfoem's runs."""
+    from bench_compare import calibration_rows
+    m = MODELS[model]
+    path = str(ROOT / "leanfoem" / "demo" / "model") if model == "demo" else model_dir(model)  # no alias for peers
+    rows = work / "rows" / f"{model}-draw{draw}.jsonl"
+    if not rows.exists():
+        rows.parent.mkdir(parents=True, exist_ok=True)
+        calibration_rows(Path(path), m["calib"], rows, m["nsamples"], m["seqlen"], draw)
+    method, beta = PEERS[kind]
+    scratch = work / "gptqmodel-scratch"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(GPTQMODEL_CACHE_DIR=str(scratch / "cache"), GPTQMODEL_TORCH_EXTENSIONS_DIR=str(scratch / "ext"),
+               TOKENIZERS_PARALLELISM="false",
+               GPTQMODEL_CPU_WORKERS="2")  # its minimum; OMP_NUM_THREADS bounds the BLAS
+    quantize = [REF_PYTHON, str(ROOT / "tools" / "peers.py"), "gptqmodel", "--model", path,
+                "--rows", str(rows), "--out", str(out), *shape, "--method", method, "--beta", f"{beta:g}",
+                "--alpha", "0", "--dtype", "float32", "--offload-dir", str(scratch / "offload")]
+    return quantize_and_compare(model, out, draw, [], command=quantize, env=env)
 
 
 def run(args) -> None:
@@ -141,7 +202,7 @@ def table(results: list[dict]) -> str:
         mean_kld = {s: statistics.fmean(by[(*s, d)]["kld_mean"] for d in common) for s in settings}
         best = min(settings, key=mean_kld.get)
         out.append(f"**{key[0]}, {key[1]} bit, group {key[2]}** — draws {', '.join(map(str, common))}\n")
-        out.append("| damp | β | KLD mean (± s.e.) | KLD 99% | top-1 agree | ppl (fp "
+        out.append("| damp | method | KLD mean (± s.e.) | KLD 99% | top-1 agree | ppl (fp "
                    f"{by[(*best, common[0])]['reference_perplexity']:.3f}) | KLD vs best, paired | ppl vs best, paired | "
                    "quantize s |")
         out.append("|---|---|---|---|---|---|---|---|---|")
@@ -157,7 +218,7 @@ def table(results: list[dict]) -> str:
             secs = statistics.fmean(r["quantize_seconds"] for r in rows if (r["damp"], r["beta"]) == s
                                     and r["draw"] in common)
             mark = "**" if s == best else ""
-            out.append(f"| {mark}{s[0]:g}{mark} | {mark}{shown_beta(s[1])}{mark} | {kld:.5f} ± {kse:.5f} | {p99:.4f} | "
+            out.append(f"| {mark}{s[0]:g}{mark} | {mark}{method_label(s[1])}{mark} | {kld:.5f} ± {kse:.5f} | {p99:.4f} | "
                        f"{top:.2%} ± {tse:.2%} | {ppl:.3f} ± {pse:.3f} | "
                        f"{math.expm1(gap):+.1%} ± {gse:.1%} | {math.expm1(pgap):+.2%} ± {pgse:.2%} | {secs:.0f} |")
         out.append("")
@@ -170,8 +231,10 @@ def render(results: list[dict], workdir: Path) -> str:
     models = sorted({r["model"] for r in results})
     lines = [f"Command: `.venv/bin/python tools/bench_defaults.py run --workdir {workdir} ...` then `... table "
              f"--write-docs` ({machine_line()}; load average after the runs {min(loads):.1f}–{max(loads):.1f}: other "
-             "jobs shared the cores, so the seconds are not clean). β = 0 is `--method gptq`; β auto is `--beta auto`, "
-             "chosen per layer by held-out error. Per model:"]
+             "jobs shared the cores, so the seconds are not clean). GPTQ is `--method gptq`; β auto is `--beta auto`, "
+             "chosen per layer by held-out error; GPTQModel rows: GPTQModel 7.7.0 (tools/peers.py, fp32 layers, no "
+             "act-order, no GAR) on the rows leanfoem's windowing cuts for the draw, evaluated by the same `leanfoem "
+             "eval --reference`. Per model:"]
     for key in models:
         m, example = MODELS[key], next(r for r in results if r["model"] == key)
         lines.append(f"- {key}: calibration {m['nsamples']} × {m['seqlen']} rows of `{Path(m['calib']).name}`, draw N ="
