@@ -170,17 +170,23 @@ class BlockRunner:
         return recorders[0].hidden_states, LayerCalls(distinct, of_layer)
 
     # -- blocks -------------------------------------------------------------------------------------
-    def layout(self, index: int) -> BlockLayout:
-        """How block `index`'s tensors are stored (names, per-expert pieces), checked complete against the model."""
+    def layout(self, index: int, names: list[str] | None = None) -> BlockLayout:
+        """How block `index`'s tensors are stored (names, per-expert pieces), checked complete against the model.
+        `names`: the block's stored names as the caller sees them instead of the checkpoint's (evaluation names a GPTQ
+        checkpoint's packed linears by their `.weight`, `packing.weight_names`)."""
+        if names is not None:
+            return self._laid_out(index, names)
         if index not in self._layouts:
-            prefix = self.arch.block_prefix(index)
-            names = self.reader.names(prefix)
-            if not names:
-                raise CheckpointError(f"the checkpoint holds no tensor of block {index} ({prefix}*)")
-            layout = self.stored_layout.block(prefix, names)
-            _check_experts_complete(self.layers[index], layout, prefix)
-            self._layouts[index] = layout
+            self._layouts[index] = self._laid_out(index, self.reader.names(self.arch.block_prefix(index)))
         return self._layouts[index]
+
+    def _laid_out(self, index: int, names: list[str]) -> BlockLayout:
+        prefix = self.arch.block_prefix(index)
+        if not names:
+            raise CheckpointError(f"the checkpoint holds no tensor of block {index} ({prefix}*)")
+        layout = self.stored_layout.block(prefix, names)
+        _check_experts_complete(self.layers[index], layout, prefix)
+        return layout
 
     def source_tensors(self, index: int, experts: bool = True) -> dict[str, torch.Tensor]:
         """The block's tensors as stored, keyed by full stored name; NaN/Inf rejected. `experts=False` leaves the
@@ -272,9 +278,12 @@ class BlockRunner:
         """The hidden states after the branch; its experts answer with `routed` (path -> forward)."""
         return block_structure.branch_output(block, branch, hidden, self.layer_kwargs(index, hidden.shape[1]), routed)
 
-    def routed_call(self, block, index: int, branch: Branch, path: str, hidden: torch.Tensor) -> RoutedCall:
-        """The inputs and routing the experts module `path` receives for these hidden states."""
-        return block_structure.routed_call(block, branch, path, hidden, self.layer_kwargs(index, hidden.shape[1]))
+    def routed_call(self, block, index: int, branch: Branch, path: str, hidden: torch.Tensor,
+                    routed: dict | None = None) -> RoutedCall:
+        """The inputs and routing the experts module `path` receives for these hidden states (the branch's other experts
+        modules answering with `routed`, path -> forward; zeros where it has none)."""
+        return block_structure.routed_call(block, branch, path, hidden, self.layer_kwargs(index, hidden.shape[1]),
+                                           routed)
 
     def output_from_kept(self, block, index: int, branch: Branch, hidden, kept) -> torch.Tensor:
         return block_structure.output_from_kept(block, branch, hidden, kept, self.layer_kwargs(index, hidden.shape[1]))

@@ -124,6 +124,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--seqlen", type=_positive_int, default=2048)
     p.add_argument("--windows", type=_positive_int, default=None, help="score only the first N windows")
     p.add_argument("--device", default="auto")
+    p.add_argument("--expert-group", type=_positive_int, default=None, metavar="N",
+                   help="mixture-of-experts: experts read, dequantized and applied together (default: as many as fit "
+                        "in half the free memory: the card's, or host RAM on the CPU); the figures do not depend on it")
     p.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
     p.set_defaults(handler=run_eval)
 
@@ -135,12 +138,13 @@ def run_eval(args) -> int:
         import json
         from .divergence import evaluate_divergence, format_divergence
         result = evaluate_divergence(args.model, args.reference, text, seqlen=args.seqlen, windows=args.windows,
-                                     device=args.device)
+                                     device=args.device, expert_group=args.expert_group)
         print(format_divergence(result))
         if args.json:
             print(json.dumps(result))
         return 0
-    result = evaluate_perplexity(args.model, text, seqlen=args.seqlen, windows=args.windows, device=args.device)
+    result = evaluate_perplexity(args.model, text, seqlen=args.seqlen, windows=args.windows, device=args.device,
+                                 expert_group=args.expert_group)
     print(format_result(result, args.json))
     return 0
 

@@ -100,8 +100,10 @@ def _running_argmax(logits, v0, arg, top):
 
 
 def evaluate_divergence(model: str, reference: str, text: str, *, seqlen: int = 2048, windows: int | None = None,
-                        device: str = "auto", batch_tokens: int = 4096, spill_bytes: int | None = None) -> dict:
-    """Both perplexities and KL(P_reference ‖ P_model) figures over the same windows (module docstring)."""
+                        device: str = "auto", batch_tokens: int = 4096, spill_bytes: int | None = None,
+                        expert_group: int | None = None) -> dict:
+    """Both perplexities and KL(P_reference ‖ P_model) figures over the same windows (module docstring);
+    `expert_group` as in `evaluation.evaluate_perplexity`, for both models."""
     started = time.time()
     source, ref = ModelSource(model), ModelSource(reference)
     _check_compatible(source, ref)
@@ -119,8 +121,10 @@ def evaluate_divergence(model: str, reference: str, text: str, *, seqlen: int = 
                                        ref.config.hidden_size * ref_runner.dtype.itemsize)
     with tempfile.TemporaryDirectory(prefix="leanfoem-kld-") as tmp:
         spill_dir = Path(tmp) if 3 * store_bytes > spill_bytes else None  # reference's + model's in and out
-        ref_hidden = final_hidden_states(ref_runner, ref.gptq, ids, count, seqlen, spill_dir, batch_tokens, "ref")
-        hidden = final_hidden_states(runner, source.gptq, ids, count, seqlen, spill_dir, batch_tokens, "model")
+        windows = (ids, count, seqlen, spill_dir, batch_tokens)
+        experts = dict(work_dir=Path(tmp), expert_group=expert_group)
+        ref_hidden = final_hidden_states(ref_runner, ref.gptq, *windows, "ref", **experts)
+        hidden = final_hidden_states(runner, source.gptq, *windows, "model", **experts)
         per_window = _head_figures(ref_runner, ref, ref_hidden, runner, source, hidden, ids, count, seqlen)
         ref_hidden.drop()
         hidden.drop()

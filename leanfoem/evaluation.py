@@ -21,6 +21,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -28,17 +29,18 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoTokenizer
 
+from . import expert_evaluation
 from .activations import ActivationReader, ActivationWriter
 from .architectures import architecture_for, scale_logits
 from .blocks import BlockRunner
 from .checkpoint_reader import CheckpointError, CheckpointReader
+from .experts import expert_modules
 from .models import resolve_model_dir
-from .packing import unpack_gptq
+from .packing import dense_tensors
 from .pipeline import compute_dtype, resolve_device
 from .source_formats import refuse_stored_quantization
 
 VOCAB_CHUNK = 8192
-DEQUANT_COLUMNS = 1024  # input features dequantized at a time (a multiple of 32)
 NAMED_TEXTS = {"wikitext2": (("wikitext", "wikitext-2-raw-v1"), "test"), "c4": (("allenai/c4", "en"), "validation")}
 
 
@@ -72,34 +74,6 @@ def gptq_settings(config) -> dict | None:
     if q is None or q.get("quant_method") != "gptq":
         return None
     return {"bits": q["bits"], "format": q.get("checkpoint_format", "gptq")}
-
-
-def dense_tensors(tensors: dict[str, torch.Tensor], gptq: dict | None) -> dict[str, torch.Tensor]:
-    """A block's tensors with every packed GPTQ linear replaced by its dequantized `.weight` (float32)."""
-    if gptq is None:
-        return tensors
-    out = dict(tensors)
-    for name in [n for n in tensors if n.endswith(".qweight")]:
-        base = name[: -len(".qweight")]
-        parts = {k: out.pop(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
-        out[base + ".weight"] = dequantize_chunked(parts, gptq["bits"], gptq["format"])
-    return out
-
-
-def dequantize_chunked(parts: dict[str, torch.Tensor], bits: int, checkpoint_format: str,
-                       columns: int = DEQUANT_COLUMNS) -> torch.Tensor:
-    """`unpack_gptq` over runs of `columns` input features: its int64 temporaries are ~6× the dense layer
-    (a 70B down_proj: ~6 GB at once), per run they stay small. Runs are multiples of 32 inputs, which fill
-    `bits` whole qweight rows in every bit width (3 bit included)."""
-    qweight, g_idx = parts["qweight"], parts["g_idx"]
-    n = g_idx.numel()
-    out = torch.empty((qweight.shape[1], n), dtype=torch.float32)
-    for start in range(0, n, columns):
-        stop = min(start + columns, n)
-        chunk = {"qweight": qweight[start * bits // 32: stop * bits // 32], "qzeros": parts["qzeros"],
-                 "scales": parts["scales"], "g_idx": g_idx[start:stop]}
-        out[:, start:stop] = unpack_gptq(chunk, bits, checkpoint_format)
-    return out
 
 
 class _HiddenStates:
@@ -138,11 +112,13 @@ class _HiddenStates:
 
 
 def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: int | None = None,
-                        device: str = "auto", batch_tokens: int = 4096, spill_bytes: int | None = None) -> dict:
+                        device: str = "auto", batch_tokens: int = 4096, spill_bytes: int | None = None,
+                        expert_group: int | None = None) -> dict:
     """Perplexity of `model` (fp or GPTQ) on `text`: see the module docstring for the protocol.
 
     `spill_bytes`: hidden states of all windows larger than this go to a memory-mapped file in a temporary
-    directory instead of host RAM (default: half of the memory available now)."""
+    directory instead of host RAM (default: half of the memory available now). `expert_group`: routed experts
+    applied together in an MoE block (None: as many as fit, `expert_evaluation.expert_group`)."""
     started = time.time()
     source = ModelSource(model)
     seqlen = source.context(seqlen)
@@ -155,7 +131,8 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
     with tempfile.TemporaryDirectory(prefix="leanfoem-eval-") as tmp:
         store_bytes = count * seqlen * source.config.hidden_size * runner.dtype.itemsize
         spill_dir = Path(tmp) if store_bytes > spill_bytes else None
-        hidden = final_hidden_states(runner, source.gptq, ids, count, seqlen, spill_dir, batch_tokens)
+        hidden = final_hidden_states(runner, source.gptq, ids, count, seqlen, spill_dir, batch_tokens,
+                                     work_dir=Path(tmp), expert_group=expert_group)
         nll = _head_nll(runner, source.arch, hidden, count, ids, seqlen)
         hidden.drop()
     tokens = count * (seqlen - 1)
@@ -197,28 +174,61 @@ def window_count(ids: torch.Tensor, seqlen: int, windows: int | None) -> int:
 
 
 def final_hidden_states(runner: BlockRunner, gptq: dict | None, ids: torch.Tensor, count: int, seqlen: int,
-                        spill_dir: Path | None, batch_tokens: int, name: str = "inputs") -> _HiddenStates:
+                        spill_dir: Path | None, batch_tokens: int, name: str = "inputs", *, work_dir: Path,
+                        expert_group: int | None = None) -> _HiddenStates:
     """The hidden states of every window after the last block (before the final norm): every window through
-    block i before block i+1, so each block is read and loaded once."""
-    hidden_size, dtype, device = runner.config.hidden_size, runner.dtype, runner.device
-    hidden = _HiddenStates(count, seqlen, hidden_size, dtype, spill_dir, f"{name}-00000")
+    block i before block i+1, so each block is read and loaded once; an MoE block's routed experts a group of
+    `expert_group` at a time (`expert_evaluation.py`; None: as many as fit), their routed sums in `work_dir`."""
+    windows = _Windows(count, seqlen, max(1, batch_tokens // seqlen), runner.device, work_dir, spill_dir, name)
+    hidden = windows.store(f"{name}-00000", runner.config.hidden_size, runner.dtype)
     for k in range(count):
         hidden.put(k, runner.block_inputs(ids[k * seqlen:(k + 1) * seqlen])[0])
     hidden.seal()
     runner.release_embedding()
-    per_batch = max(1, batch_tokens // seqlen)
     for index in range(runner.num_blocks):
-        block = runner.load(index, dense_tensors(runner.source_tensors(index), gptq))
-        outputs = _HiddenStates(count, seqlen, hidden_size, dtype, spill_dir, f"{name}-{index + 1:05d}")
-        for k in range(0, count, per_batch):
-            batch = torch.stack([hidden.get(j) for j in range(k, min(k + per_batch, count))])
-            for j, row in enumerate(runner.forward(block, index, batch.to(device=device, dtype=dtype))):
+        if expert_modules(runner.layers[index]):
+            results = expert_evaluation.block_outputs(runner, index, gptq, hidden, windows, expert_group)
+        else:
+            results = _dense_block_outputs(runner, index, gptq, hidden, windows)
+        outputs = windows.store(f"{name}-{index + 1:05d}", runner.config.hidden_size, runner.dtype)
+        for k, batch in results:
+            for j, row in enumerate(batch):
                 outputs.put(k + j, row)
         outputs.seal()
         hidden.drop()
         hidden = outputs
         runner.unload(index)
     return hidden
+
+
+def _dense_block_outputs(runner: BlockRunner, index: int, gptq: dict | None, hidden: _HiddenStates, windows):
+    """(first window, output batch) of block `index`, loaded whole, for every batch of windows."""
+    block = runner.load(index, dense_tensors(runner.source_tensors(index), gptq))
+    for k, batch in windows.batches(hidden, runner.dtype):
+        yield k, runner.forward(block, index, batch)
+
+
+@dataclass
+class _Windows:
+    """How the windows go through a block: `count` windows of `seqlen` tokens in batches of `per_batch` windows, the
+    same batches in every pass over a block (an MoE block's bits rely on it), and where their stores live (host RAM,
+    or files in `spill_dir`) and the work files of MoE blocks (`work_dir`)."""
+    count: int
+    seqlen: int
+    per_batch: int
+    device: torch.device
+    work_dir: Path
+    spill_dir: Path | None
+    name: str
+
+    def store(self, name: str, width: int, dtype: torch.dtype) -> _HiddenStates:
+        return _HiddenStates(self.count, self.seqlen, width, dtype, self.spill_dir, name)
+
+    def batches(self, store: _HiddenStates, dtype: torch.dtype):
+        """(first window, [windows, seqlen, width] on the device in `dtype`) per batch."""
+        for k in range(0, self.count, self.per_batch):
+            batch = torch.stack([store.get(j) for j in range(k, min(k + self.per_batch, self.count))])
+            yield k, batch.to(device=self.device, dtype=dtype)
 
 
 class Head:

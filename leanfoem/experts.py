@@ -111,6 +111,14 @@ def substituted(block: torch.nn.Module, forwards: dict):
             del module.forward
 
 
+def answer_with(routed_sum, start: int):
+    """An experts forward that returns the routed sum (`expert_quantizer.RoutedSum`) of the batch's tokens, which start
+    at token `start`: the finished sum stands in for the module."""
+    def forward(hidden, index, weights):
+        return routed_sum.read(start, hidden.shape[0]).to(hidden.device)
+    return forward
+
+
 def zeros(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Stands in for experts whose output does not matter (the passes that stop before it is used)."""
     return torch.zeros_like(hidden)

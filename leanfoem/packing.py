@@ -7,7 +7,9 @@ What must stay true:
   bits·k, lowest index in the lowest bits; for 3 bits, 32 values fill 3 words and values 10 and 21
   straddle word boundaries;
 - qweight packs along in_features ([in·bits/32, out]); qzeros along out_features ([groups, out·bits/32]);
-- checkpoint_format "gptq" stores z − 1 (masked to `bits`), "gptq_v2" stores z.
+- checkpoint_format "gptq" stores z − 1 (masked to `bits`), "gptq_v2" stores z;
+- reading back (`dense_tensors`, `dequantize_chunked`) gives `unpack_gptq`'s float32 weight bit for bit, however
+  many input features are dequantized at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 
 FORMATS = ("gptq", "gptq_v2")
+PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx")  # one packed linear
+DEQUANT_COLUMNS = 1024  # input features dequantized at a time (a multiple of 32)
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -77,6 +81,50 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, checkpoint_format: 
     g = tensors["g_idx"].long()
     scales = tensors["scales"].float()
     return (scales[g] * (codes - zeros.float()[g])).T.contiguous()
+
+
+def dense_tensors(tensors: dict[str, torch.Tensor], gptq: dict | None) -> dict[str, torch.Tensor]:
+    """A block's tensors with every packed GPTQ linear replaced by its dequantized `.weight` (float32)."""
+    if gptq is None:
+        return tensors
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        base = name[: -len(".qweight")]
+        parts = {k: out.pop(f"{base}.{k}") for k in PACKED_PARTS}
+        out[base + ".weight"] = dequantize_chunked(parts, gptq["bits"], gptq["format"])
+    return out
+
+
+def weight_names(names: list[str]) -> list[str]:
+    """Stored names with every packed linear named by the `.weight` it dequantizes to: how transformers' conversion
+    mapping (`layout.py`) recognises a GPTQ checkpoint's per-expert tensors."""
+    packed = tuple(f".{part}" for part in PACKED_PARTS[1:])
+    return [n[: -len(".qweight")] + ".weight" if n.endswith(".qweight") else n for n in names
+            if not n.endswith(packed)]
+
+
+def stored_names(weight: str, stored: set[str]) -> list[str]:
+    """The stored tensors a `.weight` of `weight_names(stored)` is read from: itself, or its packed parts."""
+    if weight in stored:
+        return [weight]
+    base = weight[: -len(".weight")]
+    return [f"{base}.{part}" for part in PACKED_PARTS]
+
+
+def dequantize_chunked(parts: dict[str, torch.Tensor], bits: int, checkpoint_format: str,
+                       columns: int = DEQUANT_COLUMNS) -> torch.Tensor:
+    """`unpack_gptq` over runs of `columns` input features: its int64 temporaries are ~6× the dense layer
+    (a 70B down_proj: ~6 GB at once), per run they stay small. Runs are multiples of 32 inputs, which fill
+    `bits` whole qweight rows in every bit width (3 bit included)."""
+    qweight, g_idx = parts["qweight"], parts["g_idx"]
+    n = g_idx.numel()
+    out = torch.empty((qweight.shape[1], n), dtype=torch.float32)
+    for start in range(0, n, columns):
+        stop = min(start + columns, n)
+        chunk = {"qweight": qweight[start * bits // 32: stop * bits // 32], "qzeros": parts["qzeros"],
+                 "scales": parts["scales"], "g_idx": g_idx[start:stop]}
+        out[:, start:stop] = unpack_gptq(chunk, bits, checkpoint_format)
+    return out
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ from .checkpoint_writer import (copy_side_files, quantization_config, shard_name
 from .distributed import Ranks
 from .dtype_choice import choose as choose_dtype
 from .expert_quantizer import CALIBRATION_MODES, ExpertQuantizer
+from .experts import answer_with
 from .hessian import HessianAccumulator
 from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
@@ -538,7 +539,7 @@ class QuantizeRun:
                 if kept is not None:
                     after = runner.output_from_kept(stream.block, stream.index, branch, batch, next(kept)[1])
                 else:
-                    routed = {path: _answer_with(routed_sum, self.row_starts[i]) for path, routed_sum in sums.items()}
+                    routed = {path: answer_with(routed_sum, self.row_starts[i]) for path, routed_sum in sums.items()}
                     after = runner.branch_output(stream.block, stream.index, branch, batch, routed)
                 for row in after:
                     writer.write(row)
@@ -604,13 +605,6 @@ class QuantizeRun:
     def say(self, text: str) -> None:
         if not self.options.quiet:
             tqdm.write(text)  # above the progress bar, not through it
-
-
-def _answer_with(routed_sum, start: int):
-    """An experts forward that returns the routed sum of the batch's tokens (which start at token `start`)."""
-    def forward(hidden, index, weights):
-        return routed_sum.read(start, hidden.shape[0]).to(hidden.device)
-    return forward
 
 
 @dataclass

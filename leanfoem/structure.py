@@ -154,8 +154,9 @@ def input_of(block, branch: Branch, module_name: str, hidden, layer_kwargs: dict
     return seen["x"]
 
 
-def routed_call(block, branch: Branch, path: str, hidden, layer_kwargs: dict) -> RoutedCall:
-    """What the experts module `path` receives when the branch runs on `hidden`: the tokens' inputs and routing."""
+def routed_call(block, branch: Branch, path: str, hidden, layer_kwargs: dict, routed: dict | None = None) -> RoutedCall:
+    """What the experts module `path` receives when the branch runs on `hidden`: the tokens' inputs and routing. The
+    branch's other experts modules answer with `routed[path]`, zeros where it has no entry."""
     seen = {}
 
     def grab(hidden_states, top_k_index, top_k_weights):
@@ -163,7 +164,7 @@ def routed_call(block, branch: Branch, path: str, hidden, layer_kwargs: dict) ->
         raise _Stop
 
     try:
-        run_chain(block, branch, hidden, layer_kwargs, routed={path: grab})
+        run_chain(block, branch, hidden, layer_kwargs, routed={**(routed or {}), path: grab})
     except _Stop:
         pass
     return seen["call"]

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gptq_decode import dense_state_dict
 from perplexity import eval_cli, reference_perplexity
 from leanfoem.cli import main
-from leanfoem.evaluation import dequantize_chunked, evaluate_perplexity
+from leanfoem.evaluation import evaluate_perplexity
+from leanfoem.packing import dequantize_chunked
 
 SEQLEN, WINDOWS = 512, 4
 

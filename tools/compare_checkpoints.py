@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from leanfoem.architectures import architecture_for  # noqa: E402
 from leanfoem.checkpoint_reader import CheckpointReader  # noqa: E402
-from leanfoem.evaluation import dequantize_chunked, gptq_settings  # noqa: E402
-from leanfoem.packing import unpack_rows  # noqa: E402
+from leanfoem.evaluation import gptq_settings  # noqa: E402
+from leanfoem.packing import dequantize_chunked, unpack_rows  # noqa: E402
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
