@@ -121,10 +121,10 @@ def evaluate_divergence(model: str, reference: str, text: str, *, seqlen: int = 
                                        ref.config.hidden_size * ref_runner.dtype.itemsize)
     with tempfile.TemporaryDirectory(prefix="leanfoem-kld-") as tmp:
         spill_dir = Path(tmp) if 3 * store_bytes > spill_bytes else None  # reference's + model's in and out
-        windows = (ids, count, seqlen, spill_dir, batch_tokens)
+        same = (ids, count, seqlen, spill_dir, batch_tokens)  # both models: the same windows, stores and batches
         experts = dict(work_dir=Path(tmp), expert_group=expert_group)
-        ref_hidden = final_hidden_states(ref_runner, ref.gptq, *windows, "ref", **experts)
-        hidden = final_hidden_states(runner, source.gptq, *windows, "model", **experts)
+        ref_hidden = final_hidden_states(ref_runner, ref.gptq, *same, "ref", **experts)
+        hidden = final_hidden_states(runner, source.gptq, *same, "model", **experts)
         per_window = _head_figures(ref_runner, ref, ref_hidden, runner, source, hidden, ids, count, seqlen)
         ref_hidden.drop()
         hidden.drop()

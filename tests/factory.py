@@ -66,8 +66,10 @@ CALIB = ("Now is the winter of our discontent made glorious summer by this sun o
 
 def build_checkpoint(out: Path, tokenizer_dir: Path, *, family: str = "llama", layers: int = 2, hidden: int = 128,
                      intermediate: int = 256, heads: int = 4, kv_heads: int = 2, tie: bool = True,
-                     max_shard_size: str = "150KB", seed: int = 0, dtype=torch.bfloat16) -> Path:
+                     max_shard_size: str = "150KB", seed: int = 0, dtype=torch.bfloat16, **overrides) -> Path:
+    """`overrides`: config fields over the family's (e.g. num_experts_per_tok)."""
     config_cls, model_cls, extra = {**FAMILIES, **MOE_FAMILIES}[family]
+    extra = dict(extra, **overrides)
     if "layer_types" in extra:
         layers = len(extra["layer_types"])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

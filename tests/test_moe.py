@@ -8,6 +8,7 @@ names in transformers' conversion mapping."""
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ from test_resume import assert_identical, kill_moments, run_with_kills
 from leanfoem.architectures import architecture_for
 from leanfoem.blocks import BlockRunner
 from leanfoem.checkpoint_reader import CheckpointReader
+from leanfoem import expert_evaluation
 from leanfoem.cli import main
-from leanfoem.evaluation import dense_tensors, gptq_settings
+from leanfoem.divergence import evaluate_divergence
+from leanfoem.evaluation import ModelSource, dense_tensors, final_hidden_states, gptq_settings
 from leanfoem.experts import RoutedCall, add_routed
 
 EXPERTS = 8
@@ -243,3 +246,131 @@ def test_a_layer_past_the_last_block_is_left_out_and_said(tmp_path, tokenizer_di
     assert not any(n.startswith("model.layers.2.") for n in index_of(out))
     events = [json.loads(line) for line in (out / "quantize_log.jsonl").read_text().splitlines()]
     assert [(e["layer"], e["tensors"]) for e in events if e["event"] == "left_out"] == [(2, 3)]
+
+
+# -- eval: routed experts a group at a time ----------------------------------------------------------------------
+EVAL_SEQLEN, EVAL_WINDOWS, EVAL_BATCH_TOKENS = 64, 4, 128  # two batches of two windows: groups outside batches
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
+def moe_pair(request, tmp_path_factory, tokenizer_dir, calib_file):
+    """(fp checkpoint, its GPTQ checkpoint written by leanfoem) of one MoE family: 8 experts, top-4 (four routed
+    outputs per token, so the order they are summed in shows in the bits)."""
+    where = tmp_path_factory.mktemp(request.param)
+    source = build_checkpoint(where / "fp", tokenizer_dir, family=request.param, num_experts_per_tok=4)
+    quantize_cli(source, where / "gptq", calib_file, "--expert-group", "3")
+    return source, where / "gptq"
+
+
+def eval_ids(model_dir, calib_file) -> torch.Tensor:
+    return ModelSource(str(model_dir)).token_ids(calib_file.read_text())
+
+
+def whole_block_hidden_states(model_dir, ids) -> torch.Tensor:
+    """What `leanfoem eval` computed before experts were read a group at a time: every block loaded whole (its
+    experts fused into the module, dequantized first for GPTQ), the same batches of windows through the model's own
+    eager forward; the hidden states after the last block, [windows, seqlen, hidden]."""
+    source = ModelSource(str(model_dir))
+    runner = source.runner(torch.device("cpu"))
+    hidden = [runner.block_inputs(ids[k * EVAL_SEQLEN:(k + 1) * EVAL_SEQLEN])[0] for k in range(EVAL_WINDOWS)]
+    per_batch = EVAL_BATCH_TOKENS // EVAL_SEQLEN
+    for index in range(runner.num_blocks):
+        block = runner.load(index, dense_tensors(runner.source_tensors(index), source.gptq))
+        hidden = [row for k in range(0, EVAL_WINDOWS, per_batch)
+                  for row in runner.forward(block, index, torch.stack(hidden[k:k + per_batch]))]
+        runner.unload(index)
+    return torch.stack(hidden)
+
+
+def grouped_hidden_states(model_dir, ids, group, work_dir, spill=False) -> torch.Tensor:
+    source = ModelSource(str(model_dir))
+    hidden = final_hidden_states(source.runner(torch.device("cpu")), source.gptq, ids, EVAL_WINDOWS, EVAL_SEQLEN,
+                                 work_dir if spill else None, EVAL_BATCH_TOKENS, work_dir=work_dir, expert_group=group)
+    out = torch.stack([hidden.get(k) for k in range(EVAL_WINDOWS)])
+    hidden.drop()
+    return out
+
+
+def test_eval_in_expert_groups_is_the_whole_block_forward_bit_for_bit(moe_pair, calib_file, tmp_path):
+    """fp and GPTQ checkpoints: experts 1, 3 (8 = 3 + 3 + 2) or 8 at a time, routed inputs in RAM or spilled to a
+    file, give the hidden states of the old whole-block path bit for bit; so every figure of `eval --reference` is
+    the same whatever the group size."""
+    for model_dir in moe_pair:
+        ids = eval_ids(model_dir, calib_file)
+        expected = whole_block_hidden_states(model_dir, ids)
+        for group, spill in [(1, False), (3, True), (8, False)]:
+            got = grouped_hidden_states(model_dir, ids, group, tmp_path, spill)
+            assert torch.equal(got, expected), (model_dir.name, group, spill)
+        assert not list(tmp_path.iterdir())  # routed inputs and sums removed with their block
+    fp, gptq = moe_pair
+    text = calib_file.read_text()
+    figures = [evaluate_divergence(str(gptq), str(fp), text, seqlen=EVAL_SEQLEN, windows=EVAL_WINDOWS, device="cpu",
+                                   batch_tokens=EVAL_BATCH_TOKENS, expert_group=group) for group in (1, None)]
+    for result in figures:
+        del result["seconds"]
+    assert figures[0] == figures[1] and figures[0]["kld_mean"] > 0
+
+
+def test_eval_holds_one_group_of_experts_at_a_time_and_reads_each_expert_once(moe_pair, calib_file, tmp_path,
+                                                                              monkeypatch):
+    """Observed through the real reader and the real `add_routed`: per MoE block, each group of 3 experts is read
+    (every tensor of its experts once), then applied to both batches of windows, then dropped before the next group is
+    read; the experts module itself never holds weights (on meta)."""
+    gptq = moe_pair[1]
+    events, handed = [], []  # ("read", block, experts) / ("add", block, first, count); weakrefs of group weights
+    real_tensors, real_add = CheckpointReader.tensors, expert_evaluation.add_routed
+
+    def tensors(self, names):
+        experts = {(int(n.split(".")[2]), int(n.split(".experts.")[1].split(".")[0])) for n in names if ".experts." in n}
+        if experts:
+            assert all(ref() is None for ref in handed), "a group's weights outlived it"
+            (block,) = {b for b, _ in experts}
+            events.append(("read", block, frozenset(e for _, e in experts), tuple(names)))
+        return real_tensors(self, names)
+
+    def add_routed(acc, call, module, first, gate_up, down):
+        assert module.gate_up_proj.device.type == "meta" and module.down_proj.device.type == "meta"
+        assert gate_up.shape[0] == down.shape[0] <= 3
+        handed.extend([weakref.ref(gate_up), weakref.ref(down)])
+        block = next(e[1] for e in reversed(events) if e[0] == "read")
+        events.append(("add", block, first, gate_up.shape[0]))
+        return real_add(acc, call, module, first, gate_up, down)
+
+    monkeypatch.setattr(CheckpointReader, "tensors", tensors)
+    monkeypatch.setattr(expert_evaluation, "add_routed", add_routed)
+    grouped_hidden_states(gptq, eval_ids(gptq, calib_file), 3, tmp_path)
+
+    stored = [n for n in index_of(gptq) if ".experts." in n]
+    read = [n for e in events if e[0] == "read" for n in e[3]]
+    assert sorted(read) == sorted(stored)  # every expert tensor read, each once
+    blocks = sorted({e[1] for e in events})
+    expected = []
+    for block in blocks:
+        for first in (0, 3, 6):
+            count = min(3, EXPERTS - first)
+            group = range(first, first + count)  # gate/up of each expert of the group, then down of each
+            expected += [("read", block, frozenset([e])) for part in ("gate_up", "down") for e in group]
+            expected += [("add", block, first, count)] * (EVAL_WINDOWS * EVAL_SEQLEN // EVAL_BATCH_TOKENS)
+    assert [e[:3] if e[0] == "read" else e for e in events] == expected
+
+
+def test_default_expert_group_fits_half_the_free_memory(monkeypatch):
+    """DeepSeek-V3's experts (256 of 3 × 7168 × 2048): 88 MiB each in bf16, so 24 GiB free holds 139 of them in
+    half of it; a given size is kept (at most all experts); at least one whatever the memory."""
+    from types import SimpleNamespace
+    module = SimpleNamespace(num_experts=256, gate_up_proj=torch.empty(256, 4096, 7168, device="meta"),
+                             down_proj=torch.empty(256, 7168, 2048, device="meta"))
+    per_expert = 3 * 7168 * 2048 * 2
+    monkeypatch.setattr(expert_evaluation.psutil, "virtual_memory", lambda: SimpleNamespace(available=24 << 30))
+    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.bfloat16, None) == (12 << 30) // per_expert
+    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.float32, None) == (6 << 30) // per_expert
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 << 30, 24 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 << 30)
+    assert expert_evaluation.expert_group(module, torch.device("cuda"), torch.bfloat16, None) == (12 << 30) // per_expert
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 << 20, 24 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    assert expert_evaluation.expert_group(module, torch.device("cuda"), torch.bfloat16, None) == 1
+    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.bfloat16, 16) == 16
+    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.bfloat16, 1000) == 256
