@@ -12,7 +12,8 @@ What must stay true:
 - the block structure the pipeline walks is verified on the first block, before it is trusted;
 - a block holds weights only between `load()` and `unload()` (parts of it less, after `release()`); after
   `unload()` it is back on meta. Its experts are loaded only when their stored tensors are handed to `load()`
-  (evaluation); quantization reads them a group at a time (`expert_weights`) and never puts them in the module;
+  (tests compare against that whole-block forward); quantization (`expert_weights`) and evaluation
+  (`expert_evaluation.py`) read them a group at a time and never put them in the module;
 - tensors are read and written under their stored names (`layout.py`); the model's names are used only to find
   the module a tensor belongs to;
 - every float tensor read is checked for NaN/Inf, naming the tensor.
@@ -199,7 +200,7 @@ class BlockRunner:
 
     def load(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Block `index` on the device in the compute dtype, from its stored tensors (full names); its experts too
-        when their tensors are among them (evaluation), else they stay on meta (quantization reads them a group at
+        when their tensors are among them, else they stay on meta (quantization and evaluation read them a group at
         a time)."""
         block, prefix = self.layers[index], self.arch.block_prefix(index)
         layout = self.stored_layout.block(prefix, list(tensors))

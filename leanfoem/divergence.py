@@ -10,7 +10,7 @@ model at 2048 tokens has 1 GB of fp32 logits per window, so neither model's logi
 1. the reference runs first, block by block over all windows (evaluation.final_hidden_states, each block read
    once), and only its hidden states after the last block are kept: hidden/vocab of the logits' size
    (Llama-3-70B: 8192/128256 = 6%), in host RAM or a memory-mapped file like perplexity's own store;
-2. the model then runs the same way over the same windows;
+2. the model then runs the same way over the same windows (an MoE block's experts a group at a time, for both);
 3. per window, both final norms and both lm_heads (both on the device) are applied in vocab chunks, and one
    pass over the chunks accumulates, per token, everything the figures need: both log-sum-exps, the online
    sum Σ_v exp(a_v − m)(a_v − b_v) (a, b the reference's and the model's logits, m the running max of a), both

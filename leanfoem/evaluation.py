@@ -7,12 +7,17 @@ leanfoem's, GPTQModel's, AutoGPTQ's), a run of input features at a time; the lm_
 chunks, never as a full [tokens, vocab] logits tensor. The hidden states of all windows live in host RAM
 (one batch at a time goes to the device), or in a memory-mapped file when they exceed half the available
 RAM (wikitext-2 at 2048 tokens on a 70B: ~140 windows × 2048 × 8192 × 2 bytes = 4.7 GB per boundary).
+A mixture-of-experts block's routed experts are never loaded whole (DeepSeek-V3: 22.5 GB per block):
+`expert_evaluation.py` reads, dequantizes and applies them a group of `expert_group` experts at a time, each group
+once per block for all windows; the experts' inputs take the place of the block's outputs in the store (two
+boundaries' worth at most, as for a dense block) and their routed sum lives in a work file.
 
 What must stay true (the protocol): the text is tokenized once with the model's tokenizer and its default
 special tokens, cut into consecutive non-overlapping windows of `seqlen` tokens (the tail is dropped),
 and perplexity = exp(mean next-token NLL over all windows), each window scored on its own. The steps
 (ModelSource, final_hidden_states, Head) are shared with `divergence.py` (`eval --reference`), which runs
-two models over the same windows by this protocol.
+two models over the same windows by this protocol. Every pass over a block runs the same batches of windows,
+and the figures do not depend on the expert group size, or on where the stores live, by a single bit.
 """
 
 from __future__ import annotations

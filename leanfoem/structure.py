@@ -25,7 +25,8 @@ What must stay true:
   stay as stored;
 - the experts' own forward never runs here (their weights stay on the meta device): every pass runs the block with
   the experts substituted, by zeros in the passes that stop before their output is used (verified: the inputs
-  of every sub-group come out the same), by the routed sum the pipeline computed group by group otherwise.
+  of every sub-group come out the same), by the routed sum the pipeline computed group by group otherwise
+  (`leanfoem eval` substitutes them the same way, on the whole layer as one branch: `expert_evaluation.py`).
 """
 
 from __future__ import annotations

@@ -110,3 +110,14 @@ def test_chunked_dequantization_equals_unpack_gptq(bits):
     g_idx = torch.arange(n, dtype=torch.int32) // group
     parts = pack_gptq(codes, zeros, scales, g_idx, bits, "gptq")
     assert torch.equal(dequantize_chunked(parts, bits, "gptq"), unpack_gptq(parts, bits, "gptq"))
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_bad_expert_group_gets_one_line_and_exit_2(value, capsys):
+    """argparse's own error, as for quantize's options: usage plus one line naming the option."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "demo", "--expert-group", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("leanfoem eval: error:") and "--expert-group" in last and "Traceback" not in err, err
