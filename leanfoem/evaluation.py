@@ -39,7 +39,6 @@ from .activations import ActivationReader, ActivationWriter
 from .architectures import architecture_for, scale_logits
 from .blocks import BlockRunner
 from .checkpoint_reader import CheckpointError, CheckpointReader
-from .experts import expert_modules
 from .models import resolve_model_dir
 from .packing import dense_tensors
 from .pipeline import compute_dtype, resolve_device
@@ -123,7 +122,7 @@ def evaluate_perplexity(model: str, text: str, *, seqlen: int = 2048, windows: i
 
     `spill_bytes`: hidden states of all windows larger than this go to a memory-mapped file in a temporary
     directory instead of host RAM (default: half of the memory available now). `expert_group`: routed experts
-    applied together in an MoE block (None: as many as fit, `expert_evaluation.expert_group`)."""
+    applied together in an MoE block (None: as many as fit, `expert_evaluation.group_size`)."""
     started = time.time()
     source = ModelSource(model)
     seqlen = source.context(seqlen)
@@ -191,7 +190,7 @@ def final_hidden_states(runner: BlockRunner, gptq: dict | None, ids: torch.Tenso
     hidden.seal()
     runner.release_embedding()
     for index in range(runner.num_blocks):
-        if expert_modules(runner.layers[index]):
+        if expert_evaluation.runs_in_groups(runner.layers[index]):
             results = expert_evaluation.block_outputs(runner, index, gptq, hidden, windows, expert_group)
         else:
             results = _dense_block_outputs(runner, index, gptq, hidden, windows)

@@ -23,7 +23,9 @@ What must stay true:
   before the next group is read, so at most G experts' weights exist at once;
 - several experts modules in one block are taken in the order the block holds them, each one's inputs collected
   with the earlier ones answering with their sums; a block that calls a later one first is refused, never summed
-  from zeros.
+  from zeros;
+- blocks without routed experts, or with experts modules of another form than `add_routed` replays, are not
+  handled here: they run whole, as before (`runs_in_groups`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import math
 import psutil
 import torch
 
+from .architectures import UnsupportedArchitecture
 from .blocks import BlockRunner, check_finite
 from .expert_quantizer import RoutedSum
 from .experts import RoutedCall, add_routed, answer_with, expert_modules
@@ -56,7 +59,17 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def expert_group(module, device: torch.device, dtype: torch.dtype, requested: int | None) -> int:
+def runs_in_groups(block: torch.nn.Module) -> bool:
+    """Whether the block's routed experts are applied a group at a time: it holds experts modules of the standard form
+    `add_routed` replays (`experts.py`). Other forms (biases, transposed or unconcatenated weights: GPT-OSS, Nemotron-H)
+    run whole in the model's own forward, as any dense block does, and as before there was this module."""
+    try:
+        return bool(expert_modules(block))
+    except UnsupportedArchitecture:
+        return False
+
+
+def group_size(module, device: torch.device, dtype: torch.dtype, requested: int | None) -> int:
     """Experts per group: `requested` (at most all of them), else as many as fit their dequantized [2I, H] and [H, I]
     in the compute dtype within EXPERT_MEMORY_SHARE of the memory free now (at least one)."""
     if requested is not None:
@@ -160,7 +173,7 @@ def _called_early(later: str, path: str):
 def _add_groups(stored: StoredBlock, module, path: str, inputs, route, sums: RoutedSum, windows, requested) -> None:
     """Group-outer: each group's weights read once, added for every window's tokens in ascending expert order."""
     runner = stored.runner
-    group = expert_group(module, runner.device, runner.dtype, requested)
+    group = group_size(module, runner.device, runner.dtype, requested)
     experts_of, weights_of = route
     for first in range(0, module.num_experts, group):
         experts = range(first, min(first + group, module.num_experts))

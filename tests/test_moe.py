@@ -362,15 +362,26 @@ def test_default_expert_group_fits_half_the_free_memory(monkeypatch):
                              down_proj=torch.empty(256, 7168, 2048, device="meta"))
     per_expert = 3 * 7168 * 2048 * 2
     monkeypatch.setattr(expert_evaluation.psutil, "virtual_memory", lambda: SimpleNamespace(available=24 << 30))
-    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.bfloat16, None) == (12 << 30) // per_expert
-    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.float32, None) == (6 << 30) // per_expert
+    assert expert_evaluation.group_size(module, torch.device("cpu"), torch.bfloat16, None) == (12 << 30) // per_expert
+    assert expert_evaluation.group_size(module, torch.device("cpu"), torch.float32, None) == (6 << 30) // per_expert
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 << 30, 24 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 << 30)
-    assert expert_evaluation.expert_group(module, torch.device("cuda"), torch.bfloat16, None) == (12 << 30) // per_expert
+    assert expert_evaluation.group_size(module, torch.device("cuda"), torch.bfloat16, None) == (12 << 30) // per_expert
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 << 20, 24 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
-    assert expert_evaluation.expert_group(module, torch.device("cuda"), torch.bfloat16, None) == 1
-    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.bfloat16, 16) == 16
-    assert expert_evaluation.expert_group(module, torch.device("cpu"), torch.bfloat16, 1000) == 256
+    assert expert_evaluation.group_size(module, torch.device("cuda"), torch.bfloat16, None) == 1
+    assert expert_evaluation.group_size(module, torch.device("cpu"), torch.bfloat16, 16) == 16
+    assert expert_evaluation.group_size(module, torch.device("cpu"), torch.bfloat16, 1000) == 256
+
+
+def test_only_standard_experts_modules_run_in_groups(tmp_path, tokenizer_dir):
+    """DeepSeek-V3's dense first block runs whole, its MoE block in groups; an experts module of another form than
+    `add_routed` replays (here: with biases, as GPT-OSS's) runs whole too, in the model's own forward."""
+    model_dir = build_checkpoint(tmp_path / "m", tokenizer_dir, family="deepseek_v3")
+    runner = ModelSource(str(model_dir)).runner(torch.device("cpu"))
+    assert [expert_evaluation.runs_in_groups(layer) for layer in runner.layers] == [False, True]
+    experts = runner.layers[1].mlp.experts
+    experts.has_bias = True
+    assert not expert_evaluation.runs_in_groups(runner.layers[1])
