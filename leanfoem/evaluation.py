@@ -9,8 +9,9 @@ chunks, never as a full [tokens, vocab] logits tensor. The hidden states of all 
 RAM (wikitext-2 at 2048 tokens on a 70B: ~140 windows × 2048 × 8192 × 2 bytes = 4.7 GB per boundary).
 A mixture-of-experts block's routed experts are never loaded whole (DeepSeek-V3: 22.5 GB per block):
 `expert_evaluation.py` reads, dequantizes and applies them a group of `expert_group` experts at a time, each group
-once per block for all windows; the experts' inputs take the place of the block's outputs in the store (two
-boundaries' worth at most, as for a dense block) and their routed sum lives in a work file.
+once per block for all windows. In host RAM the experts' inputs take the place of the block's outputs (two
+boundaries' worth at most, as for a dense block); their routed sum lives in a work file of the temporary directory
+(the page cache holds it while RAM allows).
 
 What must stay true (the protocol): the text is tokenized once with the model's tokenizer and its default
 special tokens, cut into consecutive non-overlapping windows of `seqlen` tokens (the tail is dropped),

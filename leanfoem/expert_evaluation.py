@@ -129,9 +129,9 @@ def block_outputs(runner: BlockRunner, index: int, gptq: dict | None, hidden, wi
     try:
         for number, path in enumerate(paths):
             inputs, route = _collect(runner, index, block, layer, path, paths, sums, hidden, windows)
-            sums[path] = RoutedSum(windows.work_dir / f"{windows.name}-experts-{index:05d}-{number}.bin",
-                                   windows.count * windows.seqlen, runner.config.hidden_size, inputs.dtype)
             try:
+                sums[path] = RoutedSum(windows.work_dir / f"{windows.name}-experts-{index:05d}-{number}.bin",
+                                       windows.count * windows.seqlen, runner.config.hidden_size, inputs.dtype)
                 _add_groups(stored, block.get_submodule(path), path, inputs, route, sums[path], windows, requested)
             finally:
                 inputs.drop()
@@ -164,6 +164,7 @@ def _collect(runner, index, block, layer, path, paths, sums, hidden, windows):
 
 
 def _called_early(later: str, path: str):
+    """The forward of an experts module held after `path` while `path`'s inputs are collected: it must not run yet."""
     def forward(hidden, index, weights):
         raise StructureError(f"the block calls its experts module {later} before {path}: leanfoem evaluates experts "
                              "modules in the order the block holds them")
