@@ -1,8 +1,9 @@
 """Mixture-of-experts families on tiny real checkpoints (tests/factory.py: transformers' own configs and modules,
 8 experts, top-2, shards that split a block; DeepSeek-V3 and GLM-4.5 with a dense first layer): the streamed forward
 is the full model's, every expert of every MoE block is quantized under its stored names, routers are copied as
-stored, `leanfoem eval` agrees with plain transformers on source and output, a killed run resumes to the same bits,
-and bad MoE input gets one line. No family needs code: experts and routers are found in the block, their stored
+stored, `leanfoem eval` agrees with plain transformers on source and output and, reading the experts a group at a
+time, gives the whole block's forward bit for bit, a killed run resumes to the same bits, and bad MoE input gets one
+line. No family needs code: experts and routers are found in the block, their stored
 names in transformers' conversion mapping."""
 
 import json
