@@ -157,7 +157,7 @@ def input_of(block, branch: Branch, module_name: str, hidden, layer_kwargs: dict
 
 def routed_call(block, branch: Branch, path: str, hidden, layer_kwargs: dict, routed: dict | None = None) -> RoutedCall:
     """What the experts module `path` receives when the branch runs on `hidden`: the tokens' inputs and routing. The
-    branch's other experts modules answer with `routed[path]`, zeros where it has no entry."""
+    branch's other experts modules answer with their forward in `routed` (path -> forward), zeros where it has none."""
     seen = {}
 
     def grab(hidden_states, top_k_index, top_k_weights):
