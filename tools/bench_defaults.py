@@ -102,7 +102,7 @@ def setting_order(setting: tuple) -> tuple:
 
 
 def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], command: list[str] | None = None,
-                         env: dict | None = None) -> dict:
+                         env: dict | None = None, cwd: Path = ROOT) -> dict:
     """`leanfoem quantize` of `model` with calibration draw `draw` and `settings` (or another quantizer's `command`),
     then `leanfoem eval --reference` of the output against the model; the checkpoint is removed afterwards. Also
     used by tools/bench_dtype.py."""
@@ -112,7 +112,7 @@ def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], 
                            str(out), "--calib", str(m["calib"]), "--nsamples", str(m["nsamples"]), "--seqlen",
                            str(m["seqlen"]), "--seed", str(draw), *settings, "--device", "cpu", "--quiet"]
     started = time.time()
-    subprocess.run(quantize, check=True, cwd=ROOT, env=env)
+    subprocess.run(quantize, check=True, cwd=cwd, env=env)
     seconds = time.time() - started
     evaluate = [sys.executable, "-m", "leanfoem", "eval", "--model", str(out), "--reference", model_dir(model),
                 "--text", str(m["text"]), "--seqlen", str(m["eval_seqlen"]), "--windows", str(m["windows"]),
@@ -160,7 +160,8 @@ def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: st
     quantize = [REF_PYTHON, str(ROOT / "tools" / "peers.py"), "gptqmodel", "--model", path,
                 "--rows", str(rows), "--out", str(out), *shape, "--method", method, "--beta", f"{beta:g}",
                 "--alpha", "0", "--dtype", "float32", "--offload-dir", str(scratch / "offload")]
-    return quantize_and_compare(model, out, draw, [], command=quantize, env=env)
+    scratch.mkdir(parents=True, exist_ok=True)  # GPTQModel writes its logs into the working directory
+    return quantize_and_compare(model, out, draw, [], command=quantize, env=env, cwd=scratch)
 
 
 def run(args) -> None:
