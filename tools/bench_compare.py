@@ -220,7 +220,11 @@ class Bench:
 
     def versions(self) -> dict:
         if self._versions is None:
-            code = ("import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
+            code = ("import json, importlib.metadata as m\n"
+                    "def version(p):\n"
+                    "    try:\n        return m.version(p)\n"
+                    "    except m.PackageNotFoundError:\n        return 'not installed'\n"
+                    "print(json.dumps({p: version(p) for p in "
                     "('gptqmodel', 'bitsandbytes', 'transformers', 'torch', 'optimum')}))")
             peer = {}
             if Path(self.ref).exists():  # leanfoem's rows run without the peers' venv
