@@ -190,37 +190,37 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def table(results: list[dict]) -> str:
-    """One table per (model, bits, group): a row per (damp, β) with mean ± s.e. over draws, and the paired
-    log-ratio of its KLD to the best setting's in the same draws."""
+    """One table per (model, bits, group): a row per (damp, β) with mean ± s.e. over the draws it has, and the paired
+    log-ratio of its KLD (and perplexity) to the best setting's in the draws both have. The best is the lowest mean
+    KLD among the settings with the most draws (a setting run on fewer draws is compared on those only)."""
     out = []
     for key in sorted({(r["model"], r["bits"], r["group"]) for r in results}):
         rows = [r for r in results if (r["model"], r["bits"], r["group"]) == key]
         settings = sorted({(r["damp"], r["beta"]) for r in rows}, key=setting_order)
         by = {(r["damp"], r["beta"], r["draw"]): r["eval"] for r in rows}
-        common = sorted(set.intersection(*({d for (dp, b, d) in by if (dp, b) == s} for s in settings)))
-        if not common:
-            continue
-        mean_kld = {s: statistics.fmean(by[(*s, d)]["kld_mean"] for d in common) for s in settings}
-        best = min(settings, key=mean_kld.get)
-        out.append(f"**{key[0]}, {key[1]} bit, group {key[2]}** — draws {', '.join(map(str, common))}\n")
-        out.append("| damp | method | KLD mean (± s.e.) | KLD 99% | top-1 agree | ppl (fp "
-                   f"{by[(*best, common[0])]['reference_perplexity']:.3f}) | KLD vs best, paired | ppl vs best, paired | "
-                   "quantize s |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        draws = {s: sorted(d for (dp, b, d) in by if (dp, b) == s) for s in settings}
+        most = max(len(d) for d in draws.values())
+        best = min((s for s in settings if len(draws[s]) == most),
+                   key=lambda s: statistics.fmean(by[(*s, d)]["kld_mean"] for d in draws[s]))
+        shown_draws = sorted({d for ds in draws.values() for d in ds})
+        out.append(f"**{key[0]}, {key[1]} bit, group {key[2]}** — draws {', '.join(map(str, shown_draws))}\n")
+        out.append("| damp | method | draws | KLD mean (± s.e.) | KLD 99% | top-1 agree | ppl (fp "
+                   f"{by[(*best, draws[best][0])]['reference_perplexity']:.3f}) | KLD vs best, paired | "
+                   "ppl vs best, paired | quantize s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         for s in settings:
-            evals = [by[(*s, d)] for d in common]
+            evals = [by[(*s, d)] for d in draws[s]]
+            shared = [d for d in draws[s] if d in draws[best]]
             kld, kse = mean_se([e["kld_mean"] for e in evals])
             p99 = statistics.fmean(e["kld_p99"] for e in evals)
             top, tse = mean_se([e["top1_agreement"] for e in evals])
             ppl, pse = mean_se([e["perplexity"] for e in evals])
-            logs = [math.log(by[(*s, d)]["kld_mean"] / by[(*best, d)]["kld_mean"]) for d in common]
-            gap, gse = mean_se(logs)
-            pgap, pgse = mean_se([math.log(by[(*s, d)]["perplexity"] / by[(*best, d)]["perplexity"]) for d in common])
-            secs = statistics.fmean(r["quantize_seconds"] for r in rows if (r["damp"], r["beta"]) == s
-                                    and r["draw"] in common)
+            gap, gse = mean_se([math.log(by[(*s, d)]["kld_mean"] / by[(*best, d)]["kld_mean"]) for d in shared])
+            pgap, pgse = mean_se([math.log(by[(*s, d)]["perplexity"] / by[(*best, d)]["perplexity"]) for d in shared])
+            secs = statistics.fmean(r["quantize_seconds"] for r in rows if (r["damp"], r["beta"]) == s)
             mark = "**" if s == best else ""
-            out.append(f"| {mark}{s[0]:g}{mark} | {mark}{method_label(s[1])}{mark} | {kld:.5f} ± {kse:.5f} | {p99:.4f} | "
-                       f"{top:.2%} ± {tse:.2%} | {ppl:.3f} ± {pse:.3f} | "
+            out.append(f"| {mark}{s[0]:g}{mark} | {mark}{method_label(s[1])}{mark} | {len(evals)} | "
+                       f"{kld:.5f} ± {kse:.5f} | {p99:.4f} | {top:.2%} ± {tse:.2%} | {ppl:.3f} ± {pse:.3f} | "
                        f"{math.expm1(gap):+.1%} ± {gse:.1%} | {math.expm1(pgap):+.2%} ± {pgse:.2%} | {secs:.0f} |")
         out.append("")
     return "\n".join(out)
@@ -244,7 +244,8 @@ def render(results: list[dict], workdir: Path) -> str:
     lines += ["", "KLD = mean per-token KL(P_fp ‖ P_q) in nats; \"KLD vs best, paired\" = mean over draws of "
               "KLD(setting)/KLD(best setting of the table) in the same draw, − 1 (as log ratios, ± s.e.), and the same for "
               "perplexity: a difference several times its paired s.e. is measured, not noise. Bold: lowest mean "
-              "KLD. With few draws the s.e. itself is rough (draws − 1 degrees of freedom).", "",
+              "KLD among the settings run on the most draws; a row with fewer draws is compared on the draws it has. "
+              "With few draws the s.e. itself is rough (draws − 1 degrees of freedom).", "",
               table(results)]
     del r0
     return "\n".join(lines)
