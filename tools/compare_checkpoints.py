@@ -28,9 +28,7 @@ sys.path.insert(0, str(ROOT))
 from leanfoem.architectures import architecture_for  # noqa: E402
 from leanfoem.checkpoint_reader import CheckpointReader  # noqa: E402
 from leanfoem.evaluation import gptq_settings  # noqa: E402
-from leanfoem.packing import dequantize_chunked, unpack_rows  # noqa: E402
-
-PACKED = ("qweight", "qzeros", "scales", "g_idx")
+from leanfoem.packing import PACKED_PARTS, dequantize_chunked, unpack_rows  # noqa: E402
 
 
 class Quantized:
@@ -46,7 +44,7 @@ class Quantized:
         layers: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in self.reader.tensors(self.reader.names(prefix)).items():
             name, _, part = key.rpartition(".")
-            if part in PACKED:
+            if part in PACKED_PARTS:
                 layers.setdefault(name, {})[part] = tensor
         return layers
 
