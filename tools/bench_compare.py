@@ -149,6 +149,20 @@ def calibration_rows(model_dir: Path, text: Path, path: Path, nsamples: int, seq
 
 # ---------------------------------------------------------------------------------------------- processes
 
+def clean_env() -> dict:
+    """This environment without PYTHONPATH (each child is told where its packages are), tokenizers single-threaded."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def peer_env(scratch: Path) -> dict:
+    """GPTQModel's environment: its caches and compiled kernels in `scratch`, its minimum of 2 CPU workers
+    (OMP_NUM_THREADS, when set, bounds the BLAS)."""
+    return dict(clean_env(), GPTQMODEL_CPU_WORKERS="2", GPTQMODEL_CACHE_DIR=str(scratch / "gptqmodel-cache"),
+                GPTQMODEL_TORCH_EXTENSIONS_DIR=str(scratch / "gptqmodel-ext"))
+
+
 def run_measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
     """cmd in its own process, stdout to log.out and stderr to log.err; wall seconds and the child's peak RSS,
     measured by tools/rss_probe.py (a process without torch: a child of this one would inherit this process's
@@ -185,11 +199,8 @@ class Bench:
         scratch = self.work / "scratch"
         scratch.mkdir(parents=True, exist_ok=True)
         self.scratch = scratch
-        base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        base["TOKENIZERS_PARALLELISM"] = "false"
-        self.env_leanfoem = dict(base, PYTHONPATH=str(ROOT))
-        self.env_peer = dict(base, GPTQMODEL_CPU_WORKERS="2", GPTQMODEL_CACHE_DIR=str(scratch / "gptqmodel-cache"),
-                             GPTQMODEL_TORCH_EXTENSIONS_DIR=str(scratch / "gptqmodel-ext"))
+        self.env_leanfoem = dict(clean_env(), PYTHONPATH=str(ROOT))
+        self.env_peer = peer_env(scratch)
         self.invocation = "python tools/bench_compare.py " + shlex.join(sys.argv[1:])
         self._versions = None
 

@@ -142,9 +142,9 @@ def leanfoem_method(beta: float | str) -> list[str]:
 
 
 def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: str, shape: list[str]) -> dict:
-    """GPTQModel (tools/peers.py, under --ref-python) on the very rows leanfoem's `--seed draw` windowing cuts, its
+    """GPTQModel (tools/peers.py, under LEANFOEM_REF_PYTHON) on the very rows leanfoem's `--seed draw` windowing cuts, its
     layers in fp32 as leanfoem computes on this CPU, then `leanfoem eval --reference` as for leanfoem's runs."""
-    from bench_compare import calibration_rows
+    from bench_compare import calibration_rows, peer_env
     m = MODELS[model]
     path = str(ROOT / "leanfoem" / "demo" / "model") if model == "demo" else model_dir(model)  # no alias for peers
     rows = work / "rows" / f"{model}-draw{draw}.jsonl"
@@ -153,15 +153,11 @@ def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: st
         calibration_rows(Path(path), m["calib"], rows, m["nsamples"], m["seqlen"], draw)
     method, beta = PEERS[kind]
     scratch = work / "gptqmodel-scratch"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(GPTQMODEL_CACHE_DIR=str(scratch / "cache"), GPTQMODEL_TORCH_EXTENSIONS_DIR=str(scratch / "ext"),
-               TOKENIZERS_PARALLELISM="false",
-               GPTQMODEL_CPU_WORKERS="2")  # its minimum; OMP_NUM_THREADS bounds the BLAS
     quantize = [REF_PYTHON, str(ROOT / "tools" / "peers.py"), "gptqmodel", "--model", path,
                 "--rows", str(rows), "--out", str(out), *shape, "--method", method, "--beta", f"{beta:g}",
                 "--alpha", "0", "--dtype", "float32", "--offload-dir", str(scratch / "offload")]
     scratch.mkdir(parents=True, exist_ok=True)  # GPTQModel writes its logs into the working directory
-    return quantize_and_compare(model, out, draw, [], command=quantize, env=env, cwd=scratch)
+    return quantize_and_compare(model, out, draw, [], command=quantize, env=peer_env(scratch), cwd=scratch)
 
 
 def run(args) -> None:
