@@ -14,7 +14,11 @@ Besides numbers, β takes words that put other quantizers in the same table, on 
 PEERS): `rtn`, `auto` (`--beta auto`), `gptaq` (FOEM+GPTAQ, α 0.25, β 0.2), and GPTQModel 7.7.0's
 `gptqmodel-gptq` and `gptqmodel-foem` (β 0.2), run by tools/peers.py under LEANFOEM_REF_PYTHON (default
 /work/venv-ref/bin/python; its recipe is in tools/bench_compare.py) with fp32 layers on the rows leanfoem's
-windowing cuts for the draw, e.g. `--settings 0.01:rtn,0.01:0,0.01:0.2,0.01:auto,0.01:gptaq,0.05:gptqmodel-foem`.
+windowing cuts for the draw, and `bnb-nf4` (bitsandbytes NF4, 4 bit only, its own blocksize 64 whatever the
+group; evaluated in transformers by the same figures, tools/peers.py ppl --reference), e.g.
+`--settings 0.01:rtn,0.01:0,0.01:0.2,0.01:auto,0.01:gptaq,0.05:gptqmodel-foem,0.01:bnb-nf4`. The damping means
+nothing to RTN and NF4, and neither uses calibration: they run once, in the first draw asked, and the other draws
+record that result again (marked `same_as_draw`).
 
 Each (model, bits, group, damp, β, draw) is one `leanfoem quantize` and one `leanfoem eval --reference` in its own
 process; results are cached one JSON file a run in WORKDIR/results (an interrupted benchmark resumes; the
@@ -70,15 +74,17 @@ METHODS = {  # the β column's words: leanfoem runs other than FOEM with a fixed
     "auto": ["--method", "foem", "--beta", "auto"],
     "gptaq": ["--method", "foem", "--beta", "0.2", "--alpha", "0.25"],
 }
+DRAW_FREE = {"rtn", "bnb-nf4"}  # no calibration: every draw gives the same result
 PEERS = {"gptqmodel-gptq": ("gptq", 0.0), "gptqmodel-foem": ("foem", 0.2)}  # GPTQModel 7.7.0: method, β
 LABELS = {"rtn": "RTN", "auto": "FOEM, β auto", "gptaq": "FOEM+GPTAQ (α 0.25, β 0.2)",
-          "gptqmodel-gptq": "GPTQModel GPTQ (fp32)", "gptqmodel-foem": "GPTQModel FOEM, β 0.2 (fp32)"}
+          "gptqmodel-gptq": "GPTQModel GPTQ (fp32)", "gptqmodel-foem": "GPTQModel FOEM, β 0.2 (fp32)",
+          "bnb-nf4": "bitsandbytes NF4 (blocksize 64)"}
 REF_PYTHON = os.environ.get("LEANFOEM_REF_PYTHON", "/work/venv-ref/bin/python")  # with gptqmodel 7.7.0
 
 
 def parse_beta(text: str) -> float | str:
-    """A number, or a word of METHODS or PEERS ("auto": `--beta auto`, chosen per layer)."""
-    if text in METHODS or text in PEERS:
+    """A number, or a word of METHODS, PEERS or bnb-nf4 ("auto": `--beta auto`, chosen per layer)."""
+    if text in METHODS or text in PEERS or text == "bnb-nf4":
         return text
     return float(text)
 
@@ -96,16 +102,16 @@ def shown_beta(beta: float | str) -> str:
 def setting_order(setting: tuple) -> tuple:
     """(damp, β) in table order: RTN, numeric β ascending (GPTQ first), auto, GPTAQ, then GPTQModel's."""
     damp, beta = setting
-    order = ["rtn", 0.0, "auto", "gptaq", *PEERS]
+    order = ["rtn", 0.0, "auto", "gptaq", *PEERS, "bnb-nf4"]
     place = order.index(beta) if isinstance(beta, str) else 1
     return place, damp, 0.0 if isinstance(beta, str) else beta
 
 
 def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], command: list[str] | None = None,
-                         env: dict | None = None, cwd: Path = ROOT) -> dict:
+                         env: dict | None = None, cwd: Path = ROOT, evaluate: list[str] | None = None) -> dict:
     """`leanfoem quantize` of `model` with calibration draw `draw` and `settings` (or another quantizer's `command`),
-    then `leanfoem eval --reference` of the output against the model; the checkpoint is removed afterwards. Also
-    used by tools/bench_dtype.py."""
+    then `leanfoem eval --reference` of the output against the model (or another `evaluate` command, run in `env`,
+    that prints the same JSON); the checkpoint is removed afterwards. Also used by tools/bench_dtype.py."""
     m = MODELS[model]
     shutil.rmtree(out, ignore_errors=True)
     quantize = command or [sys.executable, "-m", "leanfoem", "quantize", "--model", model_dir(model), "--out",
@@ -114,10 +120,10 @@ def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], 
     started = time.time()
     subprocess.run(quantize, check=True, cwd=cwd, env=env)
     seconds = time.time() - started
-    evaluate = [sys.executable, "-m", "leanfoem", "eval", "--model", str(out), "--reference", model_dir(model),
-                "--text", str(m["text"]), "--seqlen", str(m["eval_seqlen"]), "--windows", str(m["windows"]),
-                "--device", "cpu", "--json"]
-    done = subprocess.run(evaluate, check=True, cwd=ROOT, capture_output=True, text=True)
+    evaluate = evaluate or [sys.executable, "-m", "leanfoem", "eval", "--model", str(out), "--reference",
+                            model_dir(model), "--text", str(m["text"]), "--seqlen", str(m["eval_seqlen"]),
+                            "--windows", str(m["windows"]), "--device", "cpu", "--json"]
+    done = subprocess.run(evaluate, check=True, cwd=cwd, env=env, capture_output=True, text=True)
     shutil.rmtree(out, ignore_errors=True)
     return {"quantize_seconds": round(seconds, 1), "loadavg": os.getloadavg()[0],
             "eval": json.loads(done.stdout.strip().splitlines()[-1]), "quantize_cmd": quantize, "eval_cmd": evaluate}
@@ -126,7 +132,9 @@ def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], 
 def run_one(work: Path, model, bits, group, damp, beta, draw) -> dict:
     out = work / f"ckpt-{run_name(model, bits, group, damp, beta, draw)}"  # runs may go in parallel
     shape = ["--bits", str(bits), "--group-size", str(group), "--damp", f"{damp:g}"]
-    if beta in PEERS:
+    if beta == "bnb-nf4":
+        result = nf4_and_compare(work, model, out, draw)
+    elif beta in PEERS:
         result = gptqmodel_and_compare(work, model, out, draw, beta, shape)
     else:
         result = quantize_and_compare(model, out, draw, [*shape, *leanfoem_method(beta)])
@@ -146,7 +154,7 @@ def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: st
     layers in fp32 as leanfoem computes on this CPU, then `leanfoem eval --reference` as for leanfoem's runs."""
     from bench_compare import calibration_rows, peer_env
     m = MODELS[model]
-    path = str(ROOT / "leanfoem" / "demo" / "model") if model == "demo" else model_dir(model)  # no alias for peers
+    path = peer_model_path(model)
     rows = work / "rows" / f"{model}-draw{draw}.jsonl"
     if not rows.exists():
         rows.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +168,26 @@ def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: st
     return quantize_and_compare(model, out, draw, [], command=quantize, env=peer_env(scratch), cwd=scratch)
 
 
+def nf4_and_compare(work: Path, model: str, out: Path, draw: int) -> dict:
+    """bitsandbytes NF4 (tools/peers.py under LEANFOEM_REF_PYTHON), evaluated in transformers with the figures of
+    `leanfoem eval --reference` on the same windows: an NF4 model is no GPTQ checkpoint."""
+    from bench_compare import peer_env
+    m, path, peers = MODELS[model], peer_model_path(model), str(ROOT / "tools" / "peers.py")
+    quantize = [REF_PYTHON, peers, "bnb-nf4", "--model", path, "--out", str(out)]
+    evaluate = [REF_PYTHON, peers, "ppl", "--model", str(out), "--reference", path, "--text", str(m["text"]),
+                "--seqlen", str(m["eval_seqlen"]), "--windows", str(m["windows"])]
+    scratch = work / "gptqmodel-scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    result = quantize_and_compare(model, out, draw, [], command=quantize, env=peer_env(scratch), cwd=scratch,
+                                  evaluate=evaluate)
+    return dict(result, eval_cmd=evaluate)
+
+
+def peer_model_path(model: str) -> str:
+    """The model's directory for the peers, which know no `demo` alias."""
+    return str(ROOT / "leanfoem" / "demo" / "model") if model == "demo" else model_dir(model)
+
+
 def run(args) -> None:
     results = args.workdir / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -167,9 +195,13 @@ def run(args) -> None:
     grid = itertools.product(args.draws, args.models, args.bits, args.groups, settings)
     for draw, model, bits, group, (damp, beta) in grid:
         path = results / (run_name(model, bits, group, damp, beta, draw) + ".json")
-        if path.exists():
+        if path.exists() or (beta == "bnb-nf4" and bits != 4):
             continue
-        result = run_one(args.workdir, model, bits, group, damp, beta, draw)
+        first = results / (run_name(model, bits, group, damp, beta, args.draws[0]) + ".json")
+        if beta in DRAW_FREE and first.exists():
+            result = dict(json.loads(first.read_text()), draw=draw, same_as_draw=args.draws[0])
+        else:
+            result = run_one(args.workdir, model, bits, group, damp, beta, draw)
         path.write_text(json.dumps(result))
         e = result["eval"]
         print(f"{path.stem}: KLD {e['kld_mean']:.5f}, top-1 {e['top1_agreement']:.4f}, ppl {e['perplexity']:.3f} "
@@ -231,7 +263,9 @@ def render(results: list[dict], workdir: Path) -> str:
              "jobs shared the cores, so the seconds are not clean). GPTQ is `--method gptq`; β auto is `--beta auto`, "
              "chosen per layer by held-out error; GPTQModel rows: GPTQModel 7.7.0 (tools/peers.py, fp32 layers, no "
              "act-order, no GAR) on the rows leanfoem's windowing cuts for the draw, evaluated by the same `leanfoem "
-             "eval --reference`. Per model:"]
+             "eval --reference`; bitsandbytes NF4 (4 bit, its blocksize 64 whatever the group, no calibration), "
+             "evaluated in transformers by the same figures on the same windows (tools/peers.py ppl --reference). "
+             "RTN and NF4 use no calibration: one run stands for every draw. Per model:"]
     for key in models:
         m, example = MODELS[key], next(r for r in results if r["model"] == key)
         lines.append(f"- {key}: calibration {m['nsamples']} × {m['seqlen']} rows of `{Path(m['calib']).name}`, draw N ="
