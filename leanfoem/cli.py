@@ -56,6 +56,7 @@ def _beta(text: str) -> float | str:
 
 
 def add_quantize_parser(sub) -> None:
+    from .solver import DEFAULT_DAMP
     p = sub.add_parser("quantize", help="quantize a checkpoint into a GPTQ checkpoint, one block at a time",
                        description="Quantize a Hugging Face causal LM (safetensors) into a standard GPTQ "
                                    "checkpoint. Run the same command again to resume an interrupted run.")
@@ -72,7 +73,7 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--beta", type=_beta, default=0.2,
                    help="FOEM first-order term weight, or auto: chosen per layer from {0, 0.05, 0.1, 0.2, 0.3} by the "
                         "output error on held-out calibration rows (1 in 8)")
-    p.add_argument("--damp", type=_fraction, default=0.01, help="damping, fraction of mean(diag H)")
+    p.add_argument("--damp", type=_fraction, default=DEFAULT_DAMP, help="damping, fraction of mean(diag H)")
     p.add_argument("--calib", default=None, metavar="SOURCE",
                    help="a .txt or .jsonl file, or c4 / wikitext2 (online); default: the bundled text")
     p.add_argument("--nsamples", type=_positive_int, default=128)

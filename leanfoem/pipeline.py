@@ -57,7 +57,7 @@ from .hessian import HessianAccumulator
 from .journal import JOURNAL_NAME, WORK_DIR_NAME, Journal, fingerprint_digest
 from .models import resolve_model_dir
 from .planner import budgets_for, check_fits, load_config, plan
-from .solver import PreparedHessian, method_terms, prepare_hessian, quantize_prepared, quantize_weight
+from .solver import DEFAULT_DAMP, PreparedHessian, method_terms, prepare_hessian, quantize_prepared, quantize_weight
 from .source_formats import without_stored_quantization
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class QuantizeOptions:
     desc_act: bool = False
     alpha: float = 0.0
     beta: float | str = 0.2           # or "auto": chosen per layer (beta_choice.py)
-    damp: float = 0.01
+    damp: float = DEFAULT_DAMP
     calib: str | None = None          # None: the calibration text bundled with leanfoem
     nsamples: int = 128
     seqlen: int = 2048
