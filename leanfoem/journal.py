@@ -55,6 +55,14 @@ def _dtype_hint(old: dict, new: dict) -> str:
     return f"the run started computing in {was['dtype']}: add --dtype {was['dtype']} to resume it, or "
 
 
+def _damp_hint(old: dict, new: dict) -> str:
+    """The default damping changed (0.01 to 0.05, by measurement): a run started before resumes with its own."""
+    was, now = old.get("settings", {}).get("damp"), new.get("settings", {}).get("damp")
+    if was is None or was == now:
+        return ""
+    return f"the run started with --damp {was:g}: add --damp {was:g} to resume it, or "
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -85,7 +93,7 @@ class Journal:
             if changes:
                 raise ResumeRefused("the output directory holds an unfinished run with other inputs ("
                                     + "; ".join(changes[:4]) + (" ..." if len(changes) > 4 else "") + "); "
-                                    + _dtype_hint(old, fingerprint)
+                                    + _dtype_hint(old, fingerprint) + _damp_hint(old, fingerprint)
                                     + "run with --restart to discard it, or choose another --out")
             return cls(work_dir, state)
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -419,6 +419,20 @@ def test_unreadable_journal_is_named_and_restart_recovers(model, tmp_path, calib
     assert_same_tensors(reference, out)
 
 
+def test_a_changed_damping_is_refused_naming_the_damping_that_resumes(model, tmp_path, calib, reference, capsys):
+    """A run started with another damping (the default was 0.01 before it was measured) is refused, naming the
+    --damp that resumes it; that resumes it."""
+    args = quantize_args(model, tmp_path / "out", calib)
+    interrupt_after_first_block(args)
+    capsys.readouterr()
+    out = out_of(args)
+    err = fails(capsys, quantize_args(model, out, calib, "--damp", "0.01"), "add --damp 0.05 to resume it",
+                untouched=[out, model])
+    assert "settings.damp: 0.05 -> 0.01" in err, err
+    assert main(args) == 0
+    assert_same_tensors(reference, out)
+
+
 def test_a_changed_compute_dtype_is_refused_naming_the_dtype_that_resumes(model, tmp_path, calib, capsys):
     """`--dtype auto` may choose otherwise on another machine: a resume in another forward dtype is refused (one
     checkpoint never mixes dtypes), naming the --dtype that resumes it; that resumes it to the bits of an
