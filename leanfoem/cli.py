@@ -71,9 +71,10 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing diag(H)")
     p.add_argument("--alpha", type=_non_negative, default=0.0, help="GPTAQ term weight (0 = off)")
     p.add_argument("--beta", type=_beta, default=0.2,
-                   help="FOEM first-order term weight (default %(default)s), or auto: chosen per layer from {0, 0.05, 0.1, 0.2, 0.3} by the "
-                        "output error on held-out calibration rows (1 in 8)")
-    p.add_argument("--damp", type=_fraction, default=DEFAULT_DAMP, help="damping, fraction of mean(diag H) (default %(default)s, chosen by KL divergence: "
+                   help="FOEM first-order term weight (default %(default)s), or auto: chosen per layer from "
+                        "{0, 0.05, 0.1, 0.2, 0.3} by the output error on held-out calibration rows (1 in 8)")
+    p.add_argument("--damp", type=_fraction, default=DEFAULT_DAMP,
+                   help="damping, fraction of mean(diag H) (default %(default)s, chosen by KL divergence: "
                         "docs/BENCHMARKS.md)")
     p.add_argument("--calib", default=None, metavar="SOURCE",
                    help="a .txt or .jsonl file, or c4 / wikitext2 (online); default: the bundled text")

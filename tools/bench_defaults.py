@@ -110,8 +110,9 @@ def setting_order(setting: tuple) -> tuple:
 def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], command: list[str] | None = None,
                          env: dict | None = None, cwd: Path = ROOT, evaluate: list[str] | None = None) -> dict:
     """`leanfoem quantize` of `model` with calibration draw `draw` and `settings` (or another quantizer's `command`),
-    then `leanfoem eval --reference` of the output against the model (or another `evaluate` command, run in `env`,
-    that prints the same JSON); the checkpoint is removed afterwards. Also used by tools/bench_dtype.py."""
+    then `leanfoem eval --reference` of the output against the model, from the repository in this environment (or a
+    peer's `evaluate` command, run in `env` and `cwd` as the quantizer is, that prints the same JSON); the checkpoint
+    is removed afterwards. Also used by tools/bench_dtype.py."""
     m = MODELS[model]
     shutil.rmtree(out, ignore_errors=True)
     quantize = command or [sys.executable, "-m", "leanfoem", "quantize", "--model", model_dir(model), "--out",
@@ -120,9 +121,10 @@ def quantize_and_compare(model: str, out: Path, draw: int, settings: list[str], 
     started = time.time()
     subprocess.run(quantize, check=True, cwd=cwd, env=env)
     seconds = time.time() - started
-    evaluate = evaluate or [sys.executable, "-m", "leanfoem", "eval", "--model", str(out), "--reference",
-                            model_dir(model), "--text", str(m["text"]), "--seqlen", str(m["eval_seqlen"]),
-                            "--windows", str(m["windows"]), "--device", "cpu", "--json"]
+    if evaluate is None:
+        evaluate, env, cwd = [sys.executable, "-m", "leanfoem", "eval", "--model", str(out), "--reference",
+                              model_dir(model), "--text", str(m["text"]), "--seqlen", str(m["eval_seqlen"]),
+                              "--windows", str(m["windows"]), "--device", "cpu", "--json"], None, ROOT
     done = subprocess.run(evaluate, check=True, cwd=cwd, env=env, capture_output=True, text=True)
     shutil.rmtree(out, ignore_errors=True)
     return {"quantize_seconds": round(seconds, 1), "loadavg": os.getloadavg()[0],
@@ -150,8 +152,8 @@ def leanfoem_method(beta: float | str) -> list[str]:
 
 
 def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: str, shape: list[str]) -> dict:
-    """GPTQModel (tools/peers.py, under LEANFOEM_REF_PYTHON) on the very rows leanfoem's `--seed draw` windowing cuts, its
-    layers in fp32 as leanfoem computes on this CPU, then `leanfoem eval --reference` as for leanfoem's runs."""
+    """GPTQModel (tools/peers.py, under LEANFOEM_REF_PYTHON) on the very rows leanfoem's `--seed draw` windowing cuts,
+    its layers in fp32 as leanfoem computes on this CPU, then `leanfoem eval --reference` as for leanfoem's runs."""
     from bench_compare import calibration_rows, peer_env
     m = MODELS[model]
     path = peer_model_path(model)
@@ -160,11 +162,10 @@ def gptqmodel_and_compare(work: Path, model: str, out: Path, draw: int, kind: st
         rows.parent.mkdir(parents=True, exist_ok=True)
         calibration_rows(Path(path), m["calib"], rows, m["nsamples"], m["seqlen"], draw)
     method, beta = PEERS[kind]
-    scratch = work / "gptqmodel-scratch"
+    scratch = peer_scratch(work)
     quantize = [REF_PYTHON, str(ROOT / "tools" / "peers.py"), "gptqmodel", "--model", path,
                 "--rows", str(rows), "--out", str(out), *shape, "--method", method, "--beta", f"{beta:g}",
                 "--alpha", "0", "--dtype", "float32", "--offload-dir", str(scratch / "offload")]
-    scratch.mkdir(parents=True, exist_ok=True)  # GPTQModel writes its logs into the working directory
     return quantize_and_compare(model, out, draw, [], command=quantize, env=peer_env(scratch), cwd=scratch)
 
 
@@ -176,11 +177,16 @@ def nf4_and_compare(work: Path, model: str, out: Path, draw: int) -> dict:
     quantize = [REF_PYTHON, peers, "bnb-nf4", "--model", path, "--out", str(out)]
     evaluate = [REF_PYTHON, peers, "ppl", "--model", str(out), "--reference", path, "--text", str(m["text"]),
                 "--seqlen", str(m["eval_seqlen"]), "--windows", str(m["windows"])]
+    scratch = peer_scratch(work)
+    return quantize_and_compare(model, out, draw, [], command=quantize, env=peer_env(scratch), cwd=scratch,
+                                evaluate=evaluate)
+
+
+def peer_scratch(work: Path) -> Path:
+    """The peers' working directory (GPTQModel writes its logs into it) and the home of their caches."""
     scratch = work / "gptqmodel-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    result = quantize_and_compare(model, out, draw, [], command=quantize, env=peer_env(scratch), cwd=scratch,
-                                  evaluate=evaluate)
-    return dict(result, eval_cmd=evaluate)
+    return scratch
 
 
 def peer_model_path(model: str) -> str:
