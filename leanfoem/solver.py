@@ -14,7 +14,7 @@ What must stay true:
 - W is held transposed ([in, out], "Wt") so that a column is a contiguous row and every in-block update
   is a contiguous rank-1 update; the lazy update is one matmul;
 - `block_step` (one block of columns) is the CPU path and the oracle of the fused Triton kernel in
-  `kernels/`, which the loop uses for float32 CUDA tensors when triton imports;
+  `leanfoem.kernels`, which the loop uses for float32 CUDA tensors when triton imports;
 - the dequantized result is rebuilt from the stored codes, fp16 scales and zeros, so it is exactly what a
   loader of the packed checkpoint computes with;
 - β = 0 and α = 0 is plain GPTQ, operation for operation.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .hessian import Factor, inverse_upper_factor
+from .kernels import fused_block_step
 from .packing import pack_gptq
 from .quantizer import dequantize, fit_grid, max_code, quantize_codes
 
@@ -190,7 +191,7 @@ def solve_columns(wt: torch.Tensor, upper: torch.Tensor, *, bits: int, group_siz
     codes = torch.empty((columns, rows), dtype=torch.uint8, device=wt.device)
     scales = torch.empty((-(-columns // group), rows), dtype=wt.dtype, device=wt.device)
     zeros = torch.empty_like(scales)
-    step = _block_step_for(wt, block_size)
+    step = fused_block_step(wt, block_size) or block_step
     row_losses = torch.zeros(rows, dtype=torch.float64, device=wt.device)
     with _one_thread_on_cpu(wt.device):
         _column_loop(wt, upper, step, codes, scales, zeros, row_losses, bits=bits, group=group, sym=sym, beta=beta,
@@ -235,7 +236,7 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
                original: torch.Tensor | None = None,
                gptaq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Columns b0:b1 of the FOEM/GPTQ/GPTAQ column loop on Wt [in, out]: the CPU path, and the oracle of the
-    fused Triton kernel `kernels.block_step.block_step` (same signature, same effects).
+    fused Triton kernel `leanfoem.kernels.block_step.block_step` (same signature, same effects).
 
     Every in-block update is rounded twice, product then difference (`block -= outer(u, err)`), never as a
     fused multiply-add: `addr_` rounds once in the CPU's vector lanes and twice in its tails, so no other
@@ -287,15 +288,6 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
     codes[b0:b1] = float_codes.to(torch.uint8)
     return errors, block, residuals.div_(diag_u.diagonal()[:, None])
 
-
-def _block_step_for(wt: torch.Tensor, block_size: int):
-    """The fused Triton block step on float32 CUDA tensors when triton imports, `block_step` otherwise."""
-    if wt.is_cuda and wt.dtype == torch.float32 and block_size <= 128:
-        from kernels import fused_available
-        if fused_available():
-            from kernels.block_step import block_step as fused
-            return fused
-    return block_step
 
 
 def _round_to_nearest(wt: torch.Tensor, bits: int, group_size: int, sym: bool,

@@ -487,8 +487,9 @@ def test_full_disk_then_the_same_command_resumes(model, tmp_path, calib, referen
     size = {
         "activations-file": acts + acts // 2 + small_files,
         # a block keeps up to three activation-sized work files at once (inputs, kept o_proj inputs or the next
-        # inputs, the states after attention) and the kept down_proj inputs; plus half of block 0's shard
-        "block-shard": 3 * acts + mlp_acts + _pages(shards[0].stat().st_size) // 2 + small_files,
+        # inputs, the states after attention) and the kept down_proj inputs; plus an eighth of block 0's shard
+        # (not half: these bounds run a few pages high, and with half the shard fitted on an AMD EPYC)
+        "block-shard": 3 * acts + mlp_acts + _pages(shards[0].stat().st_size) // 8 + small_files,
         "side-files": (sum(_pages(p.stat().st_size) for p in shards) + acts + small_files
                        + sum(_pages((reference / n).stat().st_size)
                              for n in ("model.safetensors.index.json", "generation_config.json"))

@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/ against their pure-torch references.
+"""The Triton kernels of leanfoem/kernels/ against their pure-torch references.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before triton is
 imported), so the shapes are small; with a GPU they are compiled and run on it, and the references run
@@ -14,12 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'leanfoem[kernels]')")
 
-from kernels import block_step_for  # noqa: E402
-from kernels.block_step import block_step as fused_block_step  # noqa: E402
-from kernels.dequant import dequantize_gptq, gptq_matmul  # noqa: E402
-from kernels.pack import pack_gptq as fused_pack_gptq  # noqa: E402
-from kernels.reference import block_step as reference_block_step  # noqa: E402
-from kernels.reference import gptq_matmul as reference_gptq_matmul  # noqa: E402
+from leanfoem.kernels import fused_block_step as fused_block_step_for  # noqa: E402
+from leanfoem.kernels.block_step import block_step as fused_block_step  # noqa: E402
+from leanfoem.kernels.dequant import dequantize_gptq, gptq_matmul  # noqa: E402
+from leanfoem.kernels.pack import pack_gptq as fused_pack_gptq  # noqa: E402
+from leanfoem.kernels.reference import block_step as reference_block_step  # noqa: E402
+from leanfoem.kernels.reference import gptq_matmul as reference_gptq_matmul  # noqa: E402
 from leanfoem.packing import pack_gptq, unpack_gptq  # noqa: E402
 from leanfoem.solver import solve_columns  # noqa: E402
 
@@ -152,10 +152,11 @@ def test_reference_block_step_kernel_oracle_reproduces_the_solver():
         assert loss == pytest.approx(res.loss, rel=1e-9)
 
 
-def test_block_step_for_picks_kernel_only_for_float32_cuda():
-    step = block_step_for(torch.zeros(1, device=DEVICE))
-    assert step is (fused_block_step if DEVICE == "cuda" else reference_block_step)
-    assert block_step_for(torch.zeros(1, dtype=torch.float64)) is reference_block_step
+def test_fused_block_step_only_for_float32_cuda():
+    step = fused_block_step_for(torch.zeros(1, device=DEVICE))
+    assert step is (fused_block_step if DEVICE == "cuda" else None)
+    assert fused_block_step_for(torch.zeros(1, dtype=torch.float64, device=DEVICE)) is None
+    assert fused_block_step_for(torch.zeros(1, device=DEVICE), block_size=256) is None
 
 
 def test_block_step_kernel_rejects_wide_blocks_and_other_dtypes():

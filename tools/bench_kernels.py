@@ -72,8 +72,8 @@ def best_of(fn, repeat):
 
 
 def bench_layer(out: int, n: int, repeat: int, tiles: list[tuple[int, int]]) -> dict:
-    from kernels.block_step import block_step as fused
-    from kernels.reference import block_step as reference
+    from leanfoem.kernels.block_step import block_step as fused
+    from leanfoem.kernels.reference import block_step as reference
     from leanfoem.hessian import inverse_upper_factor
     from leanfoem.solver import solve_columns
 
@@ -114,7 +114,7 @@ def bench_layer(out: int, n: int, repeat: int, tiles: list[tuple[int, int]]) -> 
 
 
 def bench_pack(res) -> dict:
-    from kernels.pack import pack_gptq as fused_pack
+    from leanfoem.kernels.pack import pack_gptq as fused_pack
     from leanfoem.packing import pack_gptq
 
     args = (res.codes, res.zeros, res.scales, res.g_idx, res.bits)
@@ -130,7 +130,7 @@ MATMUL_CONFIGS = [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)
 
 
 def bench_matmul(res, repeat, tokens: int = 2048) -> dict:
-    from kernels.dequant import gptq_matmul
+    from leanfoem.kernels.dequant import gptq_matmul
     from leanfoem.packing import unpack_gptq
 
     packed = res.pack()

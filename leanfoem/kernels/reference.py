@@ -2,7 +2,7 @@
 
 Why it exists: a kernel is only as trustworthy as the thing it is compared with. The references live in
 leanfoem, where they are the CPU path: `block_step` is `leanfoem.solver.block_step`, the body of the
-solver's block loop (DESIGN §3), with the same signature as `kernels.block_step.block_step`; the
+solver's block loop, with the same signature as `leanfoem.kernels.block_step.block_step`; the
 references of the packing and dequantize kernels are `leanfoem.packing.pack_gptq` / `unpack_gptq`.
 
 What must stay true:
@@ -10,7 +10,7 @@ What must stay true:
   fused multiply-add: `addr_` rounds once in the CPU's vector lanes and twice in its tails, so it has no
   rounding that another device can reproduce. With two roundings everywhere, the kernel (fp fusion off)
   reproduces this function bit for bit, on the CPU interpreter and on a GPU;
-- `wt` is only read: the group grids come from it (the global W at block start, DESIGN §3.1), the block
+- `wt` is only read: the group grids come from it (the global W at block start), the block
   is a copy that the caller gets back for the lazy update;
 - divisions are true IEEE divisions (torch's on the CPU; `div_rn` in the kernel).
 """

@@ -1,4 +1,4 @@
-"""Triton kernel packing integer codes into the GPTQ int32 layout on the device (DESIGN §5).
+"""Triton kernel packing integer codes into the GPTQ int32 layout on the device.
 
 Why it exists: `leanfoem.packing.pack_rows` builds int64 temporaries and loops over the 32 values of a run
 in Python — 32 × (shift, mask, or) launches and 2× the codes' size in int64 scratch per tensor. This kernel

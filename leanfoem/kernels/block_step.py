@@ -7,10 +7,10 @@ Wt) is independent, so one program owns a tile of output features, keeps the who
 registers and runs all its column steps without leaving the kernel. The lazy update to the right stays a
 torch matmul (`addmm_`), where the GPU is efficient anyway.
 
-What must stay true (the oracle is `kernels.reference.block_step`, same signature):
+What must stay true (the oracle is `leanfoem.kernels.reference.block_step`, same signature):
 - bit-for-bit the same codes: every division is `div_rn` (IEEE), every update is product then difference
   (the kernel is compiled with fp fusion off), rounding is round-half-to-even as torch.round;
-- group grids are fitted from `wt` at block start (the global W, DESIGN §3.1), read from global memory, so a
+- group grids are fitted from `wt` at block start (the global W), read from global memory, so a
   group that starts inside the block but ends past it (or a per-row grid, group = in) is fitted in-kernel
   from the columns to its right too; a group that began in an earlier block is read back from `scales`;
 - `wt` is only read; the updated block, the errors and the scaled errors go to fresh [width, out] buffers.
@@ -117,7 +117,7 @@ def block_step(wt: torch.Tensor, upper: torch.Tensor, b0: int, b1: int, codes: t
                zeros: torch.Tensor, *, bits: int, group: int, sym: bool, beta: float = 0.0,
                original: torch.Tensor | None = None, gptaq: torch.Tensor | None = None, tile: int = TILE,
                num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused version of `kernels.reference.block_step` (same arguments, same effects); float32 tensors.
+    """Fused version of `leanfoem.kernels.reference.block_step` (same arguments, same effects); float32 tensors.
 
     Blocks up to 128 columns wide in one launch (a wider block raises).
     """
