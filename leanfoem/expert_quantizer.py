@@ -38,6 +38,7 @@ import torch
 from .activations import ActivationReader
 from .experts import RoutedCall, add_routed, expert_inputs, tokens_of
 from .hessian import FactorizationError, HessianAccumulator
+from .planner import EXPERT_WINDOW_TOKENS
 from .solver import prepare_hessian, quantize_prepared
 
 CALIBRATION_MODES = ("all", "routed")
@@ -123,7 +124,7 @@ class ExpertQuantizer:
                     writer.write(row)
                 index.append(call.index.cpu())
                 weights.append(call.weights.cpu())
-                hessian.add_batch(call.hidden)
+                hessian.add_batch(call.hidden.view(batch.shape[0], batch.shape[1], -1))  # one unit per row
             writer.finish()
         except BaseException:
             writer.abandon()
@@ -135,8 +136,9 @@ class ExpertQuantizer:
         return hessian
 
     def _calls(self):
-        """The experts' inputs and routing again, batch by batch (as the model passed them)."""
-        for i, batch in self.run.batches(self.inputs):
+        """The experts' inputs and routing again, in fixed windows of whole rows (EXPERT_WINDOW_TOKENS): every sum
+        over an expert's tokens (its Hessian, its routed output) is grouped by the windows, never by the forward batch."""
+        for i, batch in self.run.batches(self.inputs, tokens=EXPERT_WINDOW_TOKENS):
             t0 = self.offsets[i]
             x = batch.reshape(-1, self.hidden)
             t1 = t0 + x.shape[0]

@@ -6,7 +6,11 @@ long-context calibration fp32 rejects Hessians that fp64 factorises without extr
 only used here, for O(n³) work done once per layer; the column loop runs in fp32.
 
 What must stay true:
-- H is accumulated as fp32 partial sums of Xᵀ·X over bounded token chunks (memory does not grow with T);
+- H is accumulated as fp32 partial sums of Xᵀ·X, one unit at a time, in the order the units arrive: a unit is
+  one calibration row (or, for an expert, the tokens one fixed window of rows routes to it), cut into chunks
+  of at most `chunk_tokens` tokens (memory does not grow with T). The units and the chunks are fixed by the
+  calibration and the settings, never by the forward batch or free memory, so H has the same bits whatever
+  batch the rows came in;
 - `scaled()` returns (2/T)·Σ XᵀX; the scale does not matter to the solver (damping is relative) but keeps
   GPTAQ's cross term on the same scale as H;
 - damping is raised only when a factorisation fails, every value tried is reported, and a matrix that
@@ -41,11 +45,12 @@ class FactorizationError(RuntimeError):
 
 
 class HessianAccumulator:
-    """Folds batches of layer inputs into H = Σ XᵀX (and, for GPTAQ, C = Σ (X̃ − X)ᵀX).
+    """Folds layer inputs into H = Σ XᵀX (and, for GPTAQ, C = Σ (X̃ − X)ᵀX), unit by unit.
 
-    `add_batch(x)` takes inputs of any leading shape [..., n]; `x_native` are the same layer's inputs in
-    the unquantized model (only when `track_cross`). Rows are consumed in chunks of `chunk_tokens` so a
-    batch of 128 × 2048 tokens never needs a second full-size fp32 copy.
+    `add_batch(x)` takes x [rows, tokens, n] (each row one unit, added in row order) or x [tokens, n] (one unit);
+    `x_native` are the same layer's inputs in the unquantized model (only when `track_cross`). A unit is consumed
+    in chunks of `chunk_tokens`, so a long row never needs a second full-size fp32 copy, and a unit's sum never
+    depends on how many other rows shared its batch.
     """
 
     def __init__(self, columns: int, device: torch.device | str = "cpu", *, track_cross: bool = False,
@@ -57,11 +62,16 @@ class HessianAccumulator:
         self.sum_dx = torch.zeros_like(self.sum_xx) if track_cross else None
 
     def add_batch(self, x: torch.Tensor, x_native: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, self.columns)
+        if self.sum_dx is not None and x_native is None:
+            raise ValueError("this accumulator tracks the GPTAQ cross term: pass x_native")
+        units = x.reshape(-1, x.shape[-2], self.columns) if x.dim() > 2 else x[None]
+        natives = None
         if self.sum_dx is not None:
-            if x_native is None:
-                raise ValueError("this accumulator tracks the GPTAQ cross term: pass x_native")
-            x_native = x_native.reshape(-1, self.columns)
+            natives = x_native.reshape(units.shape)
+        for i, unit in enumerate(units):
+            self._add_unit(unit, None if natives is None else natives[i])
+
+    def _add_unit(self, x: torch.Tensor, x_native: torch.Tensor | None) -> None:
         dtype, device = self.sum_xx.dtype, self.sum_xx.device
         for start in range(0, x.shape[0], self.chunk_tokens):
             chunk = x[start:start + self.chunk_tokens].to(device=device, dtype=dtype)

@@ -95,16 +95,17 @@ class QuantizeOptions:
     device: str = "auto"
     dtype: str = "auto"               # forward dtype: auto, float32, bfloat16 (resolved into the fingerprint)
     checkpoint_format: str = "gptq"
-    batch_tokens: int | None = None   # tokens per forward batch (None: the planner's choice); in the fingerprint
+    batch_tokens: int | None = None   # tokens per forward batch (None: the planner's choice); changes no bit
     expert_calibration: str = "all"   # experts' statistics from all tokens, or from the tokens routed to each
-    expert_group: int | None = None   # experts solved together (None: the planner's choice); in the fingerprint
+    expert_group: int | None = None   # experts solved together (None: the planner's choice); changes no bit
     restart: bool = False
     keep_work: bool = False
     quiet: bool = False
 
     def settings(self) -> dict:
-        """The options that determine the output bits."""
-        skip = {"model", "out", "calib", "restart", "keep_work", "quiet", "device", "dtype"}  # device, dtype: as resolved
+        """The options that determine the output bits (device and dtype: as resolved, by the fingerprint)."""
+        skip = {"model", "out", "calib", "restart", "keep_work", "quiet", "device", "dtype", "batch_tokens",
+                "expert_group"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -208,10 +209,12 @@ class QuantizeRun:
         return {
             "model": {"shards": shards, "config_sha256": file_sha256(self.model_dir / "config.json")},
             "calibration": {"rows": len(self.rows), "tokens": sum(self.lengths), "sha256": rows_digest(self.rows)},
-            "settings": dict(self.options.settings(), seqlen=self.seqlen, batch_tokens=self.batch_tokens,
-                             expert_group=self.expert_group, **self._beta_choice_settings()),
+            # not the forward batch nor the expert group: they choose how much work is in flight, never the
+            # arithmetic (statistics are summed per row, experts' in fixed windows), so a resume may change them
+            "settings": dict(self.options.settings(), seqlen=self.seqlen, **self._beta_choice_settings()),
             "versions": {"leanfoem": __version__, "torch": torch.__version__.split("+")[0]},
-            "compute": {"device": self.device.type, "dtype": self.dtype_choice.name},
+            # the CPU's thread count splits some library sums (a last bit of H can flip a code), so it is fixed too
+            "compute": {"device": self.device.type, "dtype": self.dtype_choice.name, "threads": torch.get_num_threads()},
             **self.ranks.fingerprint(),  # the world size, under torchrun (the rows are split by it)
         }
 
@@ -236,7 +239,9 @@ class QuantizeRun:
         calibration = self.fingerprint["calibration"]  # every row (a rank holds its share)
         self.emit({"event": "start", "blocks": runner.num_blocks, "resume_at": start, "rows": calibration["rows"],
                     "tokens": calibration["tokens"], "device": str(self.device), "dtype": self.dtype_choice.name,
-                    "dtype_reason": self.dtype_choice.reason})
+                    "dtype_reason": self.dtype_choice.reason, "threads": self.fingerprint["compute"]["threads"],
+                    "batch_tokens": self.batch_tokens,
+                    "expert_group": self.expert_group})
         self._announce_layers_left_out(runner.num_blocks)
         bar = tqdm(total=runner.num_blocks, initial=start, desc="blocks", unit="block", disable=self.options.quiet)
         try:
@@ -442,13 +447,14 @@ class QuantizeRun:
             raise CheckpointError(f"work file {path} is missing or damaged; run with --restart to start over")
         return ActivationReader(path, self.lengths, self.dtype)
 
-    def batches(self, store: ActivationReader):
-        """Consecutive rows of equal length, up to batch_tokens tokens per batch."""
+    def batches(self, store: ActivationReader, tokens: int | None = None):
+        """Consecutive rows of equal length, up to `tokens` (None: batch_tokens) tokens per batch, at least one row."""
+        limit = tokens or self.batch_tokens
         i = 0
         while i < len(store):
             j = i + 1
             while (j < len(store) and self.lengths[j] == self.lengths[i]
-                   and (j - i + 1) * self.lengths[i] <= self.batch_tokens):
+                   and (j - i + 1) * self.lengths[i] <= limit):
                 j += 1
             if StopSignal.requested:
                 raise Interrupted

@@ -75,6 +75,10 @@ TOKENIZER_PER_VOCAB = 1024
 TOKENIZE_PER_TEXT_BYTE = 150
 # The Hessian accumulator converts inputs to fp32 in chunks of this many tokens (hessian.HessianAccumulator).
 HESSIAN_CHUNK_TOKENS = 8192
+# The quantizer's passes over an experts module's inputs read them in windows of whole rows, up to this many tokens
+# (at least one row), whatever the forward batch: each expert's sums (its Hessian, its routed output) then group its
+# tokens the same way on every run, and the checkpoint does not depend on the batch that memory allowed.
+EXPERT_WINDOW_TOKENS = 4096
 # Rows of the dequantize / pack loops (solver.QuantResult.dequantized, packing.pack_rows).
 COLUMN_CHUNK = 1024
 SOLVER_BLOCK = 128
@@ -526,8 +530,9 @@ def _plan_with(s: Shapes, kind, gpu_budget, host_budget, nsamples, seqlen, bits,
     for b in blocks:
         phases = {(f"{b.kind} blocks: " if moe else "") + name: parts
                   for name, parts in _block_phases(s, b, kind, c, bt, rows, seqlen, gptaq, beta).items()}
-        if b.routed:
-            phases.update(_expert_phases(s, b, kind, c, bt, group, calibration, gptaq, beta))
+        if b.routed:  # the expert passes read their inputs in fixed windows of whole rows, not forward batches
+            window = min(nsamples, max(1, EXPERT_WINDOW_TOKENS // seqlen)) * seqlen
+            phases.update(_expert_phases(s, b, kind, c, window, group, calibration, gptaq, beta))
         if kind == "cuda":
             for parts in phases.values():
                 parts.append(("CUDA context, cuBLAS workspace", CUDA_CONTEXT))
@@ -683,7 +688,7 @@ def _gate_up_state(s: Shapes, group: int, calibration: str, gptaq: bool) -> list
 
 def _expert_phases(s: Shapes, b: Block, kind, c, bt, group, calibration, gptaq, beta) -> dict[str, list]:
     """Device phases of one group of `group` routed experts: their stacked gate/up solve, their down_proj
-    Hessians and solve, and the forward that feeds them, one expert at a time."""
+    Hessians and solve, and the forward that feeds them, one expert at a time, `bt` tokens (a window) at once."""
     h, i, g, k = s.hidden, s.expert_intermediate, group, 2 if gptaq else 1
     fp64 = 1 if kind == "cpu" else 2  # fp64 n×n buffers of one factorisation (LAPACK / torch), one at a time
     experts = g * s.expert_params * c
@@ -699,8 +704,8 @@ def _expert_phases(s: Shapes, b: Block, kind, c, bt, group, calibration, gptaq, 
     gate_up_p = (h * h * 4 if calibration == "all" else g * h * h * 4) if gptaq else 0
     return {
         "expert group: forward, one expert at a time": weights + gate_up + down + [
-            ("batch inputs", bt * h * c), ("one expert's intermediates (gate, up, product)", bt * 3 * i * c),
-            ("routed outputs of the batch (fp32)", bt * h * 4), ("fp32 chunk of inputs", chunk)],
+            ("window inputs", bt * h * c), ("one expert's intermediates (gate, up, product)", bt * 3 * i * c),
+            ("routed outputs of the window (fp32)", bt * h * 4), ("fp32 chunk of inputs", chunk)],
         "expert group: gate/up factorisation": block + gate_up + [("fp64 factorisation buffers", fp64 * h * h * 8)],
         "expert group: gate/up column loop (experts stacked)": block + gate_up + [
             ("GPTAQ P fp32", gate_up_p), ("W, W₀ fp32, codes, block temporaries", _solver_bytes(g * 2 * i, h, beta))],
